@@ -1,0 +1,161 @@
+"""All of stockflow's settings, typed, in one place.
+
+Settings come from the environment (prefix ``STOCKFLOW_``), except the three service
+addresses, which use the names every other tool already understands: ``KAFKA_BOOTSTRAP_SERVERS``,
+``MONGODB_URI`` and ``REDIS_URL``. When one of those is set, that service is the user's own and
+the local stack neither starts nor stops it. Settings are read when :func:`load_settings` is
+called, never at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ServiceName = Literal["kafka", "mongodb", "redis"]
+FerretBackend = Literal["sqlite", "postgresql"]
+
+LOOPBACK = "127.0.0.1"
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "stockflow"
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***``, for logs and status output."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+class Settings(BaseSettings):
+    """Every knob stockflow has. Field descriptions double as the README's settings table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="STOCKFLOW_",
+        env_ignore_empty=True,
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    # --- where the services are (unset: the local stack started by `stockflow stack up`) ---
+    kafka_bootstrap_servers: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "kafka_bootstrap_servers"),
+        description="Kafka bootstrap servers of an existing cluster; unset: the local broker.",
+    )
+    mongodb_uri: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MONGODB_URI", "mongodb_uri"),
+        description="MongoDB connection string of an existing server; unset: the local FerretDB.",
+    )
+    redis_url: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REDIS_URL", "redis_url"),
+        description="Redis URL of an existing server; unset: the local redis-server.",
+    )
+
+    # --- the pipeline's names (the seed's names are the defaults) ---
+    topic: str = Field(default="my-order-updates2", description="Topic orders are read from.")
+    group_id: str = Field(default="stockflow", description="Kafka consumer group of `consume`.")
+    database: str = Field(default="ecommerce", description="MongoDB database.")
+    products_collection: str = Field(default="products", description="Collection of products.")
+    cache_key_prefix: str = Field(default="product_", description="Redis key prefix of products.")
+    cache_ttl_seconds: int = Field(
+        default=300, ge=1, description="Lifetime of a cached product, a bound on staleness."
+    )
+
+    # --- client tuning ---
+    kafka_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="How long Kafka calls (delivery, admin) may take."
+    )
+    mongodb_timeout_ms: int = Field(
+        default=5000, ge=100, description="Server selection timeout of the MongoDB client."
+    )
+    redis_timeout_seconds: float = Field(
+        default=1.0, gt=0, description="Socket timeout of Redis calls; a slow cache is a miss."
+    )
+
+    # --- the local stack ---
+    state_dir: Path = Field(
+        default=Path(".stack"), description="Running state of the local stack: data, pids, logs."
+    )
+    cache_dir: Path = Field(
+        default_factory=_default_cache_dir,
+        description="Downloads and builds, shared by every clone on this machine.",
+    )
+    kafka_version: str = Field(default="4.3.1", description="Apache Kafka version to run.")
+    kafka_port: int = Field(default=39092, description="Local broker's client port.")
+    kafka_controller_port: int = Field(default=39093, description="Local KRaft controller port.")
+    kafka_heap: str = Field(default="512m", description="Local broker's JVM heap (-Xmx).")
+    ferretdb_version: str = Field(default="v1.24.2", description="FerretDB version to build.")
+    ferretdb_backend: FerretBackend = Field(
+        default="sqlite", description="FerretDB storage: sqlite or postgresql."
+    )
+    ferretdb_port: int = Field(default=37017, description="Local FerretDB port.")
+    postgres_port: int = Field(
+        default=35432, description="Local PostgreSQL port (postgresql backend only)."
+    )
+    redis_port: int = Field(default=36379, description="Local redis-server port.")
+    stack_start_timeout_seconds: float = Field(
+        default=120.0, gt=0, description="How long `stack up` waits for a service to answer."
+    )
+
+    @field_validator("state_dir", "cache_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    # --- derived addresses ---
+    def is_external(self, service: ServiceName) -> bool:
+        """True when the user named this service's address, so stockflow must not manage it."""
+        return {
+            "kafka": self.kafka_bootstrap_servers,
+            "mongodb": self.mongodb_uri,
+            "redis": self.redis_url,
+        }[service] is not None
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return self.kafka_bootstrap_servers or f"{LOOPBACK}:{self.kafka_port}"
+
+    @property
+    def mongodb_url(self) -> str:
+        if self.mongodb_uri is not None:
+            return self.mongodb_uri.get_secret_value()
+        return f"mongodb://{LOOPBACK}:{self.ferretdb_port}/"
+
+    @property
+    def redis_dsn(self) -> str:
+        if self.redis_url is not None:
+            return self.redis_url.get_secret_value()
+        return f"redis://{LOOPBACK}:{self.redis_port}/0"
+
+    def kafka_config(self, **extra: Any) -> dict[str, Any]:
+        """librdkafka configuration shared by every client, with ``extra`` on top."""
+        return {"bootstrap.servers": self.kafka_bootstrap, "client.id": "stockflow", **extra}
+
+    def addresses(self) -> dict[ServiceName, str]:
+        """The three service addresses, passwords masked, for humans."""
+        return {
+            "kafka": self.kafka_bootstrap,
+            "mongodb": mask_url(self.mongodb_url),
+            "redis": mask_url(self.redis_dsn),
+        }
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings from the environment now; ``overrides`` win over the environment."""
+    return Settings(**overrides)

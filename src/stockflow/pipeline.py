@@ -1,0 +1,54 @@
+"""Wiring: the clients and parts of the pipeline, built from the settings and closed together."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import redis
+from pymongo import MongoClient
+from pymongo.errors import PyMongoError
+
+from stockflow.cache import ProductCache, redis_client
+from stockflow.config import Settings
+from stockflow.errors import ServiceUnavailableError
+from stockflow.inventory import Inventory, Product, mongo_client
+from stockflow.processor import OrderProcessor
+
+
+@dataclass
+class Pipeline:
+    """The MongoDB and Redis sides of the pipeline (Kafka clients are per command)."""
+
+    settings: Settings
+    mongo: MongoClient[Product]
+    redis: redis.Redis
+    inventory: Inventory
+    cache: ProductCache
+    processor: OrderProcessor
+
+
+@contextmanager
+def open_pipeline(settings: Settings, *, check: bool = True) -> Iterator[Pipeline]:
+    """Connect to MongoDB and Redis; with ``check``, fail fast if MongoDB does not answer."""
+    mongo = mongo_client(settings)
+    cache_client = redis_client(settings)
+    try:
+        inventory = Inventory.from_settings(settings, mongo)
+        if check:
+            try:
+                mongo.admin.command("ping")
+                inventory.ensure_indexes()
+            except PyMongoError as exc:
+                raise ServiceUnavailableError(
+                    f"MongoDB at {settings.addresses()['mongodb']} is not reachable: {exc}. "
+                    "Start the local stack with `stockflow stack up` or set MONGODB_URI."
+                ) from None
+        cache = ProductCache.from_settings(settings, cache_client)
+        yield Pipeline(
+            settings, mongo, cache_client, inventory, cache, OrderProcessor(inventory, cache)
+        )
+    finally:
+        mongo.close()
+        cache_client.close()

@@ -1,0 +1,115 @@
+"""Publishing orders to Kafka with delivery reports.
+
+The producer is idempotent (``enable.idempotence``, ``acks=all``), so librdkafka's own retries
+never write an order twice, and every order is keyed by its product: all changes to one
+product land on one partition, in order.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from confluent_kafka import KafkaError, Message, Producer
+
+from stockflow.config import Settings
+from stockflow.errors import ProduceError
+from stockflow.orders import Order
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DeliveryReport:
+    """Counts of acknowledged and failed messages, with the first few errors."""
+
+    delivered: int = 0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0
+
+
+class OrderProducer:
+    """Sends orders (or raw bytes) to one topic and tracks their delivery."""
+
+    def __init__(self, settings: Settings, *, topic: str | None = None, **config: Any) -> None:
+        self.topic = topic or settings.topic
+        self.timeout = settings.kafka_timeout_seconds
+        self.report = DeliveryReport()
+        self._producer = Producer(
+            settings.kafka_config(
+                **{
+                    "enable.idempotence": True,
+                    "acks": "all",
+                    "linger.ms": 5,
+                    "compression.type": "lz4",
+                    "message.timeout.ms": int(self.timeout * 1000),
+                    **config,
+                }
+            )
+        )
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is None:
+            self.report.delivered += 1
+            return
+        self.report.failed += 1
+        if len(self.report.errors) < 10:
+            self.report.errors.append(f"{msg.topic()}: {err.str()}")
+        log.error("Order not delivered to %s: %s", msg.topic(), err.str())
+
+    def send(self, order: Order, *, headers: dict[str, bytes] | None = None) -> None:
+        """Queue one order, keyed by its product."""
+        self.send_raw(order.encode(), key=order.key, headers=headers)
+
+    def send_raw(
+        self, value: bytes, *, key: bytes | None = None, headers: dict[str, bytes] | None = None
+    ) -> None:
+        """Queue any bytes (for tests, replays and foreign payloads)."""
+        while True:
+            try:
+                self._producer.produce(
+                    self.topic, value, key, headers=headers, on_delivery=self._on_delivery
+                )
+                break
+            except BufferError:
+                # The local queue is full: let deliveries drain, then try again.
+                self._producer.poll(0.1)
+        self._producer.poll(0)
+
+    def flush(self) -> DeliveryReport:
+        """Wait for every queued message's report; undelivered ones count as failed."""
+        remaining = self._producer.flush(self.timeout)
+        if remaining:
+            self.report.failed += remaining
+            self.report.errors.append(f"{remaining} message(s) still queued after {self.timeout}s")
+        return self.report
+
+    def close(self) -> DeliveryReport:
+        """Flush and raise ProduceError if anything was not delivered."""
+        report = self.flush()
+        if not report.ok:
+            raise ProduceError(
+                f"{report.failed} of {report.delivered + report.failed} message(s) not delivered "
+                f"to {self.topic!r}: " + "; ".join(report.errors[:3])
+            )
+        return report
+
+    def __enter__(self) -> OrderProducer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.flush()

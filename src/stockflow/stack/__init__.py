@@ -1,0 +1,91 @@
+"""The local stack: Kafka, a MongoDB-compatible server and Redis, started by the project itself.
+
+``Stack.up()`` provisions (cached per machine), starts and waits for each service that the
+user has not pointed elsewhere; ``down()`` stops only what ``up()`` started.
+"""
+
+from __future__ import annotations
+
+import shlex
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from stockflow.config import Settings
+from stockflow.stack.ferretdb import FerretDBService
+from stockflow.stack.kafka import KafkaService
+from stockflow.stack.process import file_lock
+from stockflow.stack.redis import RedisService
+from stockflow.stack.service import Reporter, Service, ServiceStatus
+
+__all__ = ["ServiceResult", "ServiceStatus", "Stack"]
+
+
+@dataclass(frozen=True)
+class ServiceResult:
+    """What ``up`` or ``down`` did to one service."""
+
+    name: str
+    action: str
+    pid: int | None = None
+    version: str | None = None
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+class Stack:
+    """The three services, in start order."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.services: list[Service] = [
+            RedisService(settings),
+            FerretDBService(settings),
+            KafkaService(settings),
+        ]
+
+    def _lock(self):  # type: ignore[no-untyped-def]
+        return file_lock(self.settings.state_dir / "stack.lock")
+
+    def up(self, report: Reporter = _quiet) -> list[ServiceResult]:
+        """Start every local service that is not running and wait until all answer.
+
+        Provisioning (downloads, builds) runs in parallel; so do the waits, since the broker's
+        start-up dominates.
+        """
+        with self._lock():
+            with ThreadPoolExecutor(len(self.services)) as pool:
+                for future in [
+                    pool.submit(s.provision, report) for s in self.services if not s.external
+                ]:
+                    future.result()
+            started = [(s, *s.start(report)) for s in self.services]
+            for service, action, _ in started:
+                if action == "started":
+                    report(f"{service.name}: waiting until it answers")
+            with ThreadPoolExecutor(len(self.services)) as pool:
+                versions = [pool.submit(s.wait_ready, pid) for s, _, pid in started]
+                return [
+                    ServiceResult(s.name, action, pid, v.result())
+                    for (s, action, pid), v in zip(started, versions, strict=True)
+                ]
+
+    def down(self) -> list[ServiceResult]:
+        """Stop what ``up`` started, the broker first so clients see a clean close."""
+        with self._lock():
+            return [ServiceResult(s.name, s.stop()) for s in reversed(self.services)]
+
+    def status(self) -> list[ServiceStatus]:
+        with ThreadPoolExecutor(len(self.services)) as pool:
+            return list(pool.map(lambda s: s.status(), self.services))
+
+    def env_lines(self) -> list[str]:
+        """``export`` lines that point other tools at the same three services."""
+        s = self.settings
+        values = {
+            "KAFKA_BOOTSTRAP_SERVERS": s.kafka_bootstrap,
+            "MONGODB_URI": s.mongodb_url,
+            "REDIS_URL": s.redis_dsn,
+        }
+        return [f"export {key}={shlex.quote(value)}" for key, value in values.items()]

@@ -1,0 +1,116 @@
+"""FerretDB v1, a MongoDB wire-protocol server, built from the Go module proxy.
+
+The upstream ``cmd/ferretdb`` cannot simply be ``go install``-ed (its version file is generated
+at release time), so stockflow builds a few lines of its own around FerretDB's embeddable
+package (``assets/ferretdb/main.go``) into ``<cache>/ferretdb-<version>/ferretdb``.
+Storage is SQLite under the state folder, or the local PostgreSQL (see ``postgres.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+from stockflow.errors import ProvisionError
+from stockflow.stack.service import Reporter, Service, require_tool
+
+MODULE = "github.com/FerretDB/FerretDB"
+
+
+@cache
+def _binary_version(binary: str) -> str:
+    result = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
+    return result.stdout.strip() or "FerretDB (unknown version)"
+
+
+class FerretDBService(Service):
+    """FerretDB serving the MongoDB wire protocol on loopback."""
+
+    name = "ferretdb"
+    external_kind = "mongodb"
+
+    @property
+    def port(self) -> int:
+        return self.settings.ferretdb_port
+
+    @property
+    def address(self) -> str:
+        return self.settings.addresses()["mongodb"]
+
+    @property
+    def binary(self) -> Path:
+        return self.settings.cache_dir / f"ferretdb-{self.settings.ferretdb_version}" / "ferretdb"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.dir / "sqlite"
+
+    def provision(self, report: Reporter) -> None:
+        if self.binary.exists():
+            return
+        go = require_tool("go", "install Go 1.24 or newer")
+        version = self.settings.ferretdb_version
+        report(f"ferretdb: building FerretDB {version} from the Go module proxy (first run only)")
+        self.binary.parent.mkdir(parents=True, exist_ok=True)
+        assets = resources.files("stockflow.stack").joinpath("assets", "ferretdb")
+        env = {**os.environ, "GOFLAGS": "-mod=mod", "CGO_ENABLED": "0"}
+        with tempfile.TemporaryDirectory(dir=self.binary.parent, prefix="build-") as tmp:
+            work = Path(tmp)
+            for name in ("main.go", "go.mod", "go.sum"):
+                (work / name).write_text(assets.joinpath(name).read_text())
+            steps = [[go, "build", "-trimpath", "-o", str(work / "ferretdb"), "."]]
+            if f"{MODULE} {version}" not in (work / "go.mod").read_text():
+                steps.insert(0, [go, "get", f"{MODULE}@{version}"])
+            for step in steps:
+                result = subprocess.run(
+                    step, cwd=work, env=env, capture_output=True, text=True, check=False
+                )
+                if result.returncode != 0:
+                    raise ProvisionError(
+                        f"ferretdb: `{' '.join(step[1:])}` failed:\n{result.stderr[-3000:]}"
+                    )
+            shutil.move(str(work / "ferretdb"), self.binary)
+
+    def prepare(self, report: Reporter) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+
+    def argv(self) -> list[str]:
+        argv = [
+            str(self.binary),
+            f"--listen-addr=127.0.0.1:{self.port}",
+            f"--handler={self.settings.ferretdb_backend}",
+        ]
+        if self.settings.ferretdb_backend == "sqlite":
+            argv.append(f"--sqlite-url=file:{self.data_dir}/")
+        else:
+            argv.append(f"--postgresql-url={self.postgresql_url()}")
+        return argv
+
+    def postgresql_url(self) -> str:
+        return f"postgres://postgres@127.0.0.1:{self.settings.postgres_port}/ferretdb"
+
+    def probe(self) -> str | None:
+        from pymongo import MongoClient
+        from pymongo.errors import PyMongoError
+
+        client: MongoClient[dict[str, object]] = MongoClient(
+            self.settings.mongodb_url, serverSelectionTimeoutMS=1500, connectTimeoutMS=1500
+        )
+        try:
+            info = client.admin.command("buildInfo")
+        except PyMongoError:
+            return None
+        finally:
+            client.close()
+        wire = f"MongoDB {info.get('version', '?')} wire protocol"
+        if "ferretdbVersion" not in info:
+            return f"MongoDB {info.get('version', '?')}"
+        if self.external:
+            return f"FerretDB {info['ferretdbVersion']} ({wire})"
+        backend = self.settings.ferretdb_backend
+        return f"{_binary_version(str(self.binary))} ({wire}, {backend})"

@@ -1,0 +1,181 @@
+"""Starting, finding and stopping the background processes of the local stack.
+
+Each service's process is started in a session of its own (so a Ctrl-C in the terminal that ran
+``stack up`` does not reach it) and recorded in a pid file. A pid file is trusted only while the
+process it names is alive and still runs the program it recorded, so a recycled pid is never
+signalled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from stockflow.errors import ServiceStartError
+
+
+@dataclass(frozen=True)
+class PidRecord:
+    """What a pid file says: the pid, the program it ran and when it started."""
+
+    pid: int
+    argv0: str
+    started_at: float
+
+
+def _proc_state(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The state is the first field after the parenthesised command name.
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def _proc_argv0(pid: int) -> str | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def is_alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (exited, not yet reaped) counts as gone."""
+    state = _proc_state(pid)
+    if state is None or state in {"Z", "X"}:
+        # Reap our own exited children so they do not linger as zombies.
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
+        return False
+    return True
+
+
+def read_pidfile(path: Path) -> PidRecord | None:
+    """The live process a pid file names, or None when it is missing, stale or recycled."""
+    try:
+        data = json.loads(path.read_text())
+        record = PidRecord(int(data["pid"]), str(data["argv0"]), float(data["started_at"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not is_alive(record.pid):
+        return None
+    argv0 = _proc_argv0(record.pid)
+    # Some servers rewrite their title ("redis-server 127.0.0.1:6379"): compare the program only.
+    if not argv0 or Path(argv0.split()[0]).name != Path(record.argv0).name:
+        return None
+    return record
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    pidfile: Path,
+    logfile: Path,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+) -> PidRecord:
+    """Start ``argv`` detached, its output appended to ``logfile``, and record it in ``pidfile``."""
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    pidfile.parent.mkdir(parents=True, exist_ok=True)
+    with logfile.open("ab") as log:
+        log.write(f"\n--- started by stockflow at {time.ctime()}: {' '.join(argv)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(
+            list(argv),
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
+    record = PidRecord(proc.pid, argv[0], time.time())
+    tmp = pidfile.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record.__dict__))
+    tmp.replace(pidfile)
+    return record
+
+
+def terminate(pid: int, *, timeout: float = 20.0) -> bool:
+    """SIGTERM the process group of ``pid``, then SIGKILL it after ``timeout`` seconds.
+
+    Returns True when it had to be killed.
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not is_alive(pid):
+            return False
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    for _ in range(50):
+        if not is_alive(pid):
+            break
+        time.sleep(0.1)
+    return True
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    """True when something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of a log file, for error messages."""
+    try:
+        content = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(content[-lines:])
+
+
+def wait_until(
+    ready: Callable[[], bool],
+    *,
+    what: str,
+    timeout: float,
+    pid: int | None = None,
+    logfile: Path | None = None,
+    interval: float = 0.25,
+) -> None:
+    """Poll ``ready`` until it is true; fail early and show the log if the process died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if ready():
+            return
+        if pid is not None and not is_alive(pid):
+            log = f"\n--- last lines of {logfile} ---\n{tail(logfile)}" if logfile else ""
+            raise ServiceStartError(f"{what} exited during start-up{log}")
+        if time.monotonic() > deadline:
+            log = f"\n--- last lines of {logfile} ---\n{tail(logfile)}" if logfile else ""
+            raise ServiceStartError(f"{what} did not answer within {timeout:.0f}s{log}")
+        time.sleep(interval)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` so two ``stack up`` calls do not race."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,77 @@
+"""Topic administration: create, list, and read end offsets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from stockflow.config import Settings
+from stockflow.errors import TopicError
+
+
+@dataclass(frozen=True)
+class TopicInfo:
+    """A topic's name, partition count and replication factor."""
+
+    name: str
+    partitions: int
+    replication: int
+
+
+def admin_client(settings: Settings) -> AdminClient:
+    return AdminClient(settings.kafka_config())
+
+
+def create_topic(
+    settings: Settings, name: str, *, partitions: int = 1, replication: int = 1
+) -> bool:
+    """Create ``name``; True if created, False if it already existed."""
+    admin = admin_client(settings)
+    futures = admin.create_topics(
+        [NewTopic(name, num_partitions=partitions, replication_factor=replication)],
+        operation_timeout=settings.kafka_timeout_seconds,
+        request_timeout=settings.kafka_timeout_seconds,
+    )
+    try:
+        futures[name].result()
+    except KafkaException as exc:
+        error = exc.args[0]
+        if error.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+            return False
+        raise TopicError(f"cannot create topic {name!r}: {error.str()}") from None
+    return True
+
+
+def list_topics(settings: Settings, *, include_internal: bool = False) -> list[TopicInfo]:
+    try:
+        metadata = admin_client(settings).list_topics(timeout=settings.kafka_timeout_seconds)
+    except KafkaException as exc:
+        raise TopicError(f"cannot list topics at {settings.kafka_bootstrap}: {exc}") from None
+    topics = []
+    for name, topic in sorted(metadata.topics.items()):
+        if name.startswith("__") and not include_internal:
+            continue
+        replication = max((len(p.replicas) for p in topic.partitions.values()), default=0)
+        topics.append(TopicInfo(name, len(topic.partitions), replication))
+    return topics
+
+
+def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
+    """The next offset of each partition of ``topic`` (where a new message would go)."""
+    consumer = Consumer(settings.kafka_config(**{"group.id": "stockflow-offsets-probe"}))
+    try:
+        metadata = consumer.list_topics(topic, timeout=settings.kafka_timeout_seconds)
+        partitions = metadata.topics[topic].partitions
+        if metadata.topics[topic].error is not None:
+            raise TopicError(f"topic {topic!r}: {metadata.topics[topic].error.str()}")
+        offsets = {}
+        for pid in partitions:
+            _, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, pid), timeout=settings.kafka_timeout_seconds
+            )
+            offsets[pid] = high
+        return offsets
+    finally:
+        consumer.close()
