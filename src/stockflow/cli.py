@@ -18,8 +18,8 @@ from rich.table import Table
 from stockflow.config import Settings, load_settings
 from stockflow.errors import ConfigError, InvalidOrderError, StockflowError
 
-console = Console()
-err = Console(stderr=True)
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 app = typer.Typer(
     name="stockflow",
@@ -214,7 +214,8 @@ def _read_lines(source: Path) -> Iterator[str]:
 @app.command()
 def produce(
     orders: Annotated[
-        list[str] | None, typer.Argument(help='Orders as JSON: \'{"orderId":1,"productId":101,"quantity":1}\'')
+        list[str] | None,
+        typer.Argument(help='Orders as JSON: \'{"orderId":1,"productId":101,"quantity":1}\''),
     ] = None,
     file: Annotated[
         Path | None, typer.Option("--file", "-f", help="JSON-lines file of orders; - for stdin.")
@@ -246,7 +247,9 @@ def produce(
                 invalid += 1
                 err.print(f"[red]order {number} not sent:[/red] {exc.reason}")
         report = producer.flush()
-    console.print(f"{report.delivered} delivered to {s.topic}, {report.failed} failed, {invalid} invalid")
+    console.print(
+        f"{report.delivered} delivered to {s.topic}, {report.failed} failed, {invalid} invalid"
+    )
     if report.failed or invalid:
         raise typer.Exit(1)
 
@@ -255,7 +258,8 @@ def produce(
 def consume(
     topic: TopicOpt = None,
     group: Annotated[
-        str | None, typer.Option("--group", "-g", help="Consumer group [default: STOCKFLOW_GROUP_ID]")
+        str | None,
+        typer.Option("--group", "-g", help="Consumer group [default: STOCKFLOW_GROUP_ID]"),
     ] = None,
     max_messages: Annotated[
         int | None, typer.Option(min=1, help="Stop after this many messages.")

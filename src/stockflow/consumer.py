@@ -39,7 +39,9 @@ class RunStats:
 
     def summary(self) -> str:
         parts = ", ".join(f"{o.value} {n}" for o, n in sorted(self.outcomes.items()))
-        return f"{self.messages} message(s) in {self.seconds:.1f}s" + (f": {parts}" if parts else "")
+        return f"{self.messages} message(s) in {self.seconds:.1f}s" + (
+            f": {parts}" if parts else ""
+        )
 
 
 class OrderConsumer:
@@ -90,7 +92,9 @@ class OrderConsumer:
         log.debug("assigned %s", [(tp.topic, tp.partition) for tp in partitions])
         self.assigned.set()
 
-    def run(self, *, max_messages: int | None = None, idle_timeout: float | None = None) -> RunStats:
+    def run(
+        self, *, max_messages: int | None = None, idle_timeout: float | None = None
+    ) -> RunStats:
         """Consume until stopped, ``max_messages`` are done, or nothing came for ``idle_timeout``.
 
         For each message:
@@ -113,8 +117,9 @@ class OrderConsumer:
                         break
                     continue
                 last_activity = now
-                if msg.error() is not None:
-                    self._on_error(msg.error())
+                error = msg.error()
+                if error is not None:
+                    self._on_error(error)
                     continue
                 result = self._process(msg)
                 stats.messages += 1
@@ -132,7 +137,10 @@ class OrderConsumer:
             order = decode_order(msg.value())
         except InvalidOrderError as exc:
             log.error(
-                "Rejected message %s[%s]@%s: %s", msg.topic(), msg.partition(), msg.offset(),
+                "Rejected message %s[%s]@%s: %s",
+                msg.topic(),
+                msg.partition(),
+                msg.offset(),
                 exc.reason,
             )
             return OrderResult(Outcome.INVALID, None, None, reason=exc.reason)
@@ -145,4 +153,3 @@ class OrderConsumer:
         if error.fatal():
             raise ServiceUnavailableError(f"Kafka consumer failed: {error.str()}")
         log.warning("Kafka: %s", error.str())
-

@@ -17,7 +17,7 @@ from pymongo.errors import OperationFailure
 
 from stockflow.config import Settings
 from stockflow.orders import Order
-from stockflow.outcomes import Outcome, OrderResult
+from stockflow.outcomes import OrderResult, Outcome
 
 Product = dict[str, Any]
 

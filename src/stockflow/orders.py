@@ -52,7 +52,9 @@ def decode_order(
     if payload is None or len(payload) == 0:
         raise InvalidOrderError("empty message")
     if len(payload) > max_bytes:
-        raise InvalidOrderError(f"message of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
+        raise InvalidOrderError(
+            f"message of {len(payload)} bytes exceeds the {max_bytes}-byte limit"
+        )
     try:
         payload.decode("utf-8")
     except UnicodeDecodeError as exc:

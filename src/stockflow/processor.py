@@ -62,6 +62,4 @@ class OrderProcessor:
             available,
             order.order_id,
         )
-        return OrderResult(
-            Outcome.INSUFFICIENT_STOCK, order.product_id, order.quantity, available
-        )
+        return OrderResult(Outcome.INSUFFICIENT_STOCK, order.product_id, order.quantity, available)

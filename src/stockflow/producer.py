@@ -20,6 +20,8 @@ from stockflow.orders import Order
 
 log = logging.getLogger(__name__)
 
+Headers = dict[str, str | bytes | None]
+
 
 @dataclass
 class DeliveryReport:
@@ -63,12 +65,12 @@ class OrderProducer:
             self.report.errors.append(f"{msg.topic()}: {err.str()}")
         log.error("Order not delivered to %s: %s", msg.topic(), err.str())
 
-    def send(self, order: Order, *, headers: dict[str, bytes] | None = None) -> None:
+    def send(self, order: Order, *, headers: Headers | None = None) -> None:
         """Queue one order, keyed by its product."""
         self.send_raw(order.encode(), key=order.key, headers=headers)
 
     def send_raw(
-        self, value: bytes, *, key: bytes | None = None, headers: dict[str, bytes] | None = None
+        self, value: bytes, *, key: bytes | None = None, headers: Headers | None = None
     ) -> None:
         """Queue any bytes (for tests, replays and foreign payloads)."""
         while True:

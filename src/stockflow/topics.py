@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import (
+    AdminClient,
+    NewTopic,
+)
 
 from stockflow.config import Settings
 from stockflow.errors import TopicError

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shlex
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from stockflow.config import Settings
@@ -45,7 +46,7 @@ class Stack:
             KafkaService(settings),
         ]
 
-    def _lock(self):  # type: ignore[no-untyped-def]
+    def _lock(self) -> AbstractContextManager[None]:
         return file_lock(self.settings.state_dir / "stack.lock")
 
     def up(self, report: Reporter = _quiet) -> list[ServiceResult]:

@@ -180,7 +180,9 @@ class KafkaService(Service):
             return None
         from confluent_kafka.admin import AdminClient
 
-        admin = AdminClient(self.settings.kafka_config(**{"log_level": 0, "socket.timeout.ms": 2000}))
+        admin = AdminClient(
+            self.settings.kafka_config(**{"log_level": 0, "socket.timeout.ms": 2000})
+        )
         try:
             metadata = admin.list_topics(timeout=3)
         except Exception:

@@ -32,6 +32,10 @@ class PidRecord:
     started_at: float
 
 
+_children: dict[int, subprocess.Popen[bytes]] = {}
+"""Processes this Python process started: kept so they are reaped, not garbage-collected."""
+
+
 def _proc_state(pid: int) -> str | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -51,13 +55,14 @@ def _proc_argv0(pid: int) -> str | None:
 
 def is_alive(pid: int) -> bool:
     """True while ``pid`` runs; a zombie (exited, not yet reaped) counts as gone."""
-    state = _proc_state(pid)
-    if state is None or state in {"Z", "X"}:
-        # Reap our own exited children so they do not linger as zombies.
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(pid, os.WNOHANG)
+    child = _children.get(pid)
+    if child is not None:
+        if child.poll() is None:
+            return True
+        del _children[pid]
         return False
-    return True
+    state = _proc_state(pid)
+    return state is not None and state not in {"Z", "X"}
 
 
 def read_pidfile(path: Path) -> PidRecord | None:
@@ -100,6 +105,7 @@ def spawn(
             start_new_session=True,
             close_fds=True,
         )
+    _children[proc.pid] = proc
     record = PidRecord(proc.pid, argv[0], time.time())
     tmp = pidfile.with_suffix(".tmp")
     tmp.write_text(json.dumps(record.__dict__))

@@ -1,0 +1,56 @@
+# stockflow's entry points. `make demo` and `make test` do all the set-up on a fresh machine:
+# the virtual environment, the system packages, and the local stack (cached per machine).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv system-deps demo test test-fast lint format up down status clean
+
+help: ## Show the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+venv: $(STAMP) ## Create .venv and install stockflow with its dev tools
+
+system-deps: ## Install the system packages the local stack needs (redis-server, kcat, JDK, Maven) if missing
+	@bash scripts/system-deps.sh
+
+demo: $(STAMP) system-deps ## Run the seed's pipeline end to end on the local stack
+	$(BIN)/stockflow demo
+
+test: $(STAMP) system-deps lint ## Lint, then the whole test suite against the real stack (started if needed)
+	$(BIN)/stockflow stack up
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP) ## Unit tests only (no services)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff and mypy --strict
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
+
+format: $(STAMP) ## Apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests
+
+up: $(STAMP) system-deps ## Start the local stack
+	$(BIN)/stockflow stack up
+
+down: $(STAMP) ## Stop the local stack
+	$(BIN)/stockflow stack down
+
+status: $(STAMP) ## Show the local stack
+	$(BIN)/stockflow stack status
+
+clean: down ## Stop the stack and delete its state (data, logs); the download cache stays
+	rm -rf .stack

@@ -1,0 +1,103 @@
+"""The command line, run as a user runs it, against the real stack."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from stockflow.config import Settings
+from stockflow.pipeline import Pipeline
+
+
+def run(
+    settings: Settings, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "STOCKFLOW_TOPIC": settings.topic,
+        "STOCKFLOW_DATABASE": settings.database,
+        "STOCKFLOW_CACHE_KEY_PREFIX": settings.cache_key_prefix,
+        "STOCKFLOW_GROUP_ID": settings.group_id,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "stockflow", *args],
+        input=stdin,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_produce_then_consume_prints_the_seed_lines(settings: Settings, pipeline: Pipeline) -> None:
+    seeded = run(settings, "products", "seed")
+    assert seeded.returncode == 0, seeded.stderr
+    produced = run(
+        settings,
+        "produce",
+        '{"orderId": 1, "productId": 101, "quantity": 1}',
+        "--file",
+        "-",
+        stdin='{"orderId": 3, "productId": 101, "quantity": 3}\n'
+        '{"orderId": 4, "productId": 101, "quantity": 500}\n',
+    )
+    assert produced.returncode == 0, produced.stderr
+    assert "3 delivered" in produced.stdout
+    consumed = run(settings, "consume", "--max-messages", "3", "--idle-timeout", "20")
+    assert consumed.returncode == 0, consumed.stderr
+    lines = consumed.stdout.splitlines()
+    assert lines[:4] == [
+        "Processing order for product 101, quantity: 1",
+        "Product stock updated for product 101, new stock: 99",
+        "Processing order for product 101, quantity: 3",
+        "Product stock updated for product 101, new stock: 96",
+    ]
+    assert lines[4] == "Processing order for product 101, quantity: 500"
+    assert lines[5].startswith("Insufficient stock for product 101")
+    assert pipeline.inventory.stock_of(101) == 96
+
+
+def test_produce_refuses_invalid_orders_with_exit_1(settings: Settings) -> None:
+    result = run(settings, "produce", '{"orderId": 1, "productId": "x", "quantity": 1}')
+    assert result.returncode == 1
+    assert "not sent" in result.stderr and "productId" in result.stderr
+
+
+def test_demo_twice_tells_the_same_story(settings: Settings) -> None:
+    for _ in range(2):
+        result = run(settings, "demo", "--no-stack")
+        assert result.returncode == 0, result.stdout + result.stderr
+        out = result.stdout
+        assert "Product stock updated for product 101, new stock: 99" in out
+        assert "Product stock updated for product 101, new stock: 96" in out
+        assert "Insufficient stock for product 101" in out
+        assert "Final stock of product 101: 96 (100 -> 99 -> 96 -> 96)" in out
+
+
+def test_topics_create_and_list(settings: Settings) -> None:
+    name = f"{settings.topic}-three"
+    created = run(settings, "topics", "create", name, "--partitions", "3")
+    assert created.returncode == 0 and "created" in created.stdout
+    again = run(settings, "topics", "create", name, "--partitions", "3")
+    assert again.returncode == 0 and "already exists" in again.stdout
+    listed = run(settings, "topics", "list")
+    row = next(line for line in listed.stdout.splitlines() if name in line)
+    assert "3" in row.split(name, 1)[1]
+
+
+def test_unreachable_mongodb_is_a_clear_error() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "stockflow", "products", "list"],
+        env={
+            **os.environ,
+            "MONGODB_URI": "mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=500",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "MongoDB at mongodb://127.0.0.1:9/" in result.stderr
+    assert "not reachable" in result.stderr
+    assert "Traceback" not in result.stderr

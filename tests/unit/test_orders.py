@@ -1,0 +1,87 @@
+"""Order decoding: every valid shape accepted, every bad one refused with a reason."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from stockflow.errors import InvalidOrderError
+from stockflow.orders import MAX_MESSAGE_BYTES, Order, decode_order
+
+
+def test_seed_message_decodes() -> None:
+    order = decode_order(b'{"orderId": 1, "productId": 101, "quantity": 1}')
+    assert order == Order(order_id=1, product_id=101, quantity=1)
+
+
+def test_string_order_id_and_extra_fields_are_accepted() -> None:
+    order = decode_order(b'{"orderId":"A-7","productId":5,"quantity":2,"customerId":"c1"}')
+    assert (order.order_id, order.product_id, order.quantity) == ("A-7", 5, 2)
+
+
+def test_encode_round_trips_with_the_seed_field_names() -> None:
+    order = Order(order_id=3, product_id=101, quantity=3)
+    assert json.loads(order.encode()) == {"orderId": 3, "productId": 101, "quantity": 3}
+    assert decode_order(order.encode()) == order
+    assert order.key == b"101"
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"", "empty message"),
+        (b"not json", "malformed JSON"),
+        (b"[1, 2]", "invalid order"),
+        (b'{"orderId": 1, "productId": 101}', "quantity"),
+        (b'{"orderId": 1, "productId": "101", "quantity": 1}', "productId"),
+        (b'{"orderId": 1, "productId": 101, "quantity": 1.5}', "quantity"),
+        (b'{"orderId": 1, "productId": 101, "quantity": true}', "quantity"),
+        (b'{"orderId": 1, "productId": 101, "quantity": 0}', "at least 1"),
+        (b'{"orderId": 1, "productId": 101, "quantity": -5}', "at least 1"),
+        (b'{"orderId": 1, "productId": 101, "quantity": 1000000}', "exceeds the maximum"),
+        (b'{"orderId": 1, "productId": -1, "quantity": 1}', "positive"),
+        (b'{"orderId": "", "productId": 101, "quantity": 1}', "orderId is empty"),
+        (b'{"orderId": null, "productId": 101, "quantity": 1}', "orderId"),
+        (b'{"orderId": 1, "productId": {"$gt": 0}, "quantity": 1}', "productId"),
+        (b'{"orderId": {"$ne": null}, "productId": 101, "quantity": 1}', "orderId"),
+        (b'{"orderId": 1, "productId": 101, "quantity": {"$inc": 5}}', "quantity"),
+        (b'\xff\xfe{"orderId": 1}', "UTF-8"),
+        (b"{" + b" " * MAX_MESSAGE_BYTES + b"}", "exceeds the"),
+    ],
+)
+def test_bad_messages_are_refused_with_a_reason(payload: bytes, reason: str) -> None:
+    with pytest.raises(InvalidOrderError) as caught:
+        decode_order(payload)
+    assert reason in caught.value.reason
+
+
+def test_maximum_quantity_is_configurable() -> None:
+    payload = b'{"orderId": 1, "productId": 101, "quantity": 50}'
+    assert decode_order(payload, max_quantity=50).quantity == 50
+    with pytest.raises(InvalidOrderError, match="exceeds the maximum of 49"):
+        decode_order(payload, max_quantity=49)
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_either_decode_or_raise_invalid_order(payload: bytes) -> None:
+    try:
+        order = decode_order(payload)
+    except InvalidOrderError as exc:
+        assert exc.reason
+    else:
+        assert order.quantity >= 1 and order.product_id >= 1
+
+
+@given(
+    st.one_of(
+        st.integers(-(2**53) + 1, 2**53 - 1), st.text(min_size=1, max_size=128).filter(str.strip)
+    ),
+    st.integers(1, 2**53 - 1),
+    st.integers(1, 10_000),
+)
+def test_every_valid_order_round_trips(order_id: int | str, product_id: int, qty: int) -> None:
+    order = Order(order_id=order_id, product_id=product_id, quantity=qty)
+    assert decode_order(order.encode()) == order
