@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## Create .venv and install stockflow with its dev tools
 
-system-deps: ## Install the system packages the local stack needs (redis-server, kcat, JDK, Maven) if missing
+system-deps: ## Install missing system packages the stack needs (redis-server, PostgreSQL, kcat, JDK, Maven)
 	@bash scripts/system-deps.sh
 
 demo: $(STAMP) system-deps ## Run the seed's pipeline end to end on the local stack

@@ -9,6 +9,11 @@ command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || need+
 command -v kcat >/dev/null 2>&1 || need+=(kcat)
 command -v java >/dev/null 2>&1 || need+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || need+=(maven)
+# PostgreSQL's server: FerretDB's default storage (STOCKFLOW_FERRETDB_BACKEND=sqlite needs none).
+if [ "${STOCKFLOW_FERRETDB_BACKEND:-postgresql}" = "postgresql" ] &&
+   ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 && ! command -v postgres >/dev/null 2>&1; then
+  need+=(postgresql)
+fi
 
 if ! command -v go >/dev/null 2>&1; then
   echo "system-deps: Go 1.24 or newer is needed to build FerretDB (or set MONGODB_URI)." >&2
@@ -25,4 +30,5 @@ echo "system-deps: installing ${need[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-# Debian starts a system-wide redis-server on 6379 where it can; stockflow runs its own.
+# Debian starts system-wide redis-server and PostgreSQL services where it can (not in
+# containers without an init); stockflow runs its own instances on ports of its own.

@@ -18,8 +18,9 @@ from rich.table import Table
 from stockflow.config import Settings, load_settings
 from stockflow.errors import ConfigError, InvalidOrderError, StockflowError
 
-console = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# Not a terminal (pipes, CI logs): no wrapping at 80 columns.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 200)
 
 app = typer.Typer(
     name="stockflow",

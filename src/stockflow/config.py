@@ -102,7 +102,8 @@ class Settings(BaseSettings):
     kafka_heap: str = Field(default="512m", description="Local broker's JVM heap (-Xmx).")
     ferretdb_version: str = Field(default="v1.24.2", description="FerretDB version to build.")
     ferretdb_backend: FerretBackend = Field(
-        default="sqlite", description="FerretDB storage: sqlite or postgresql."
+        default="postgresql",
+        description="FerretDB storage: postgresql (a private local cluster) or sqlite.",
     )
     ferretdb_port: int = Field(default=37017, description="Local FerretDB port.")
     postgres_port: int = Field(

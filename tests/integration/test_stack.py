@@ -66,9 +66,10 @@ def test_external_service_is_neither_started_nor_stopped(
 
 
 def test_a_second_stack_comes_up_and_down_leaves_nothing_running(tmp_path: Path) -> None:
-    """A whole separate stack (own ports and state) from cold start to a clean stop."""
+    """A whole separate stack (own ports and state, the SQLite backend) from cold start to stop."""
     settings = Settings(
         state_dir=tmp_path / "state",
+        ferretdb_backend="sqlite",  # the suite's own stack runs the default, postgresql
         kafka_port=39192,
         kafka_controller_port=39193,
         ferretdb_port=37117,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from stockflow.config import Settings
 from stockflow.stack.ferretdb import FerretDBService
 from stockflow.stack.kafka import KafkaService
+from stockflow.stack.postgres import PostgresService
 from stockflow.stack.process import file_lock
 from stockflow.stack.redis import RedisService
 from stockflow.stack.service import Reporter, Service, ServiceStatus
@@ -40,11 +41,10 @@ class Stack:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.services: list[Service] = [
-            RedisService(settings),
-            FerretDBService(settings),
-            KafkaService(settings),
-        ]
+        self.services: list[Service] = [RedisService(settings)]
+        if settings.ferretdb_backend == "postgresql" and not settings.is_external("mongodb"):
+            self.services.append(PostgresService(settings))
+        self.services += [FerretDBService(settings), KafkaService(settings)]
 
     def _lock(self) -> AbstractContextManager[None]:
         return file_lock(self.settings.state_dir / "stack.lock")
@@ -61,9 +61,14 @@ class Stack:
                     pool.submit(s.provision, report) for s in self.services if not s.external
                 ]:
                     future.result()
-            started = [(s, *s.start(report)) for s in self.services]
+            started = []
+            for service in self.services:
+                action, pid = service.start(report)
+                if service.dependency:
+                    service.wait_ready(pid)
+                started.append((service, action, pid))
             for service, action, _ in started:
-                if action == "started":
+                if action == "started" and not service.dependency:
                     report(f"{service.name}: waiting until it answers")
             with ThreadPoolExecutor(len(self.services)) as pool:
                 versions = [pool.submit(s.wait_ready, pid) for s, _, pid in started]

@@ -25,7 +25,7 @@ MODULE = "github.com/FerretDB/FerretDB"
 @cache
 def _binary_version(binary: str) -> str:
     result = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
-    return result.stdout.strip() or "FerretDB (unknown version)"
+    return result.stdout.replace(" (embedded)", "").strip() or "FerretDB (unknown version)"
 
 
 class FerretDBService(Service):
@@ -107,7 +107,7 @@ class FerretDBService(Service):
             return None
         finally:
             client.close()
-        wire = f"MongoDB {info.get('version', '?')} wire protocol"
+        wire = f"MongoDB {info.get('version', '?')} wire"
         if "ferretdbVersion" not in info:
             return f"MongoDB {info.get('version', '?')}"
         if self.external:

@@ -189,7 +189,9 @@ class KafkaService(Service):
             return None
         brokers = len(metadata.brokers)
         version = self._broker_version() if not self.external else "version not reported"
-        return f"Apache Kafka {version} (KRaft, cluster {metadata.cluster_id}, {brokers} broker)"
+        plural = "s" if brokers != 1 else ""
+        cluster = metadata.cluster_id
+        return f"Apache Kafka {version} (KRaft, {brokers} broker{plural}, cluster {cluster})"
 
     def _broker_version(self) -> str:
         """The version the running broker logged at start (its jars' version as a fallback)."""

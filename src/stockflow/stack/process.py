@@ -113,13 +113,13 @@ def spawn(
     return record
 
 
-def terminate(pid: int, *, timeout: float = 20.0) -> bool:
-    """SIGTERM the process group of ``pid``, then SIGKILL it after ``timeout`` seconds.
+def terminate(pid: int, *, timeout: float = 20.0, sig: signal.Signals = signal.SIGTERM) -> bool:
+    """Send ``sig`` to the process group of ``pid``, then SIGKILL it after ``timeout`` seconds.
 
     Returns True when it had to be killed.
     """
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, sig)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not is_alive(pid):

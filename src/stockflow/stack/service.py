@@ -8,6 +8,7 @@ probed for status and never started or stopped).
 from __future__ import annotations
 
 import shutil
+import signal
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +50,10 @@ class Service(ABC):
     """Short name, also the folder under the state directory."""
     external_kind: str | None = None
     """The Settings service key whose address makes this service external, if any."""
+    stop_signal: signal.Signals = signal.SIGTERM
+    """The signal that shuts the server down cleanly and promptly."""
+    dependency: bool = False
+    """True when the services after it need it answering before they start."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -149,7 +154,7 @@ class Service(ABC):
         if pid is None:
             self.pidfile.unlink(missing_ok=True)
             return "not running"
-        killed = process.terminate(pid)
+        killed = process.terminate(pid, sig=self.stop_signal)
         self.pidfile.unlink(missing_ok=True)
         return "killed (did not stop on SIGTERM)" if killed else "stopped"
 
