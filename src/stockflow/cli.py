@@ -235,7 +235,10 @@ def produce(
         lines.extend(_read_lines(file))
     if not lines:
         raise typer.BadParameter("give orders as arguments or with --file")
+    from stockflow.topics import require_topic
+
     s = settings(topic=topic)
+    require_topic(s, s.topic)
     invalid = 0
     with OrderProducer(s) as producer:
         for number, line in enumerate(lines, 1):
@@ -275,8 +278,10 @@ def consume(
     """
     from stockflow.consumer import OrderConsumer
     from stockflow.pipeline import open_pipeline
+    from stockflow.topics import require_topic
 
     s = settings(topic=topic, group_id=group)
+    require_topic(s, s.topic)
     with open_pipeline(s) as pipeline:
         consumer = OrderConsumer(s, pipeline.processor)
 

@@ -61,6 +61,21 @@ def list_topics(settings: Settings, *, include_internal: bool = False) -> list[T
     return topics
 
 
+def require_topic(settings: Settings, topic: str) -> int:
+    """The partition count of ``topic``; TopicError that says how to create it if missing."""
+    try:
+        metadata = admin_client(settings).list_topics(topic, timeout=settings.kafka_timeout_seconds)
+    except KafkaException as exc:
+        raise TopicError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc}") from None
+    found = metadata.topics.get(topic)
+    if found is None or found.error is not None:
+        raise TopicError(
+            f"topic {topic!r} does not exist at {settings.kafka_bootstrap}; create it with "
+            f"`stockflow topics create {topic} --partitions N`"
+        )
+    return len(found.partitions)
+
+
 def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
     """The next offset of each partition of ``topic`` (where a new message would go)."""
     consumer = Consumer(settings.kafka_config(**{"group.id": "stockflow-offsets-probe"}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -101,3 +102,53 @@ def test_unreachable_mongodb_is_a_clear_error() -> None:
     assert "MongoDB at mongodb://127.0.0.1:9/" in result.stderr
     assert "not reachable" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_missing_topic_is_a_clear_error(settings: Settings) -> None:
+    for command in (
+        ["consume", "--max-messages", "1"],
+        ["produce", '{"orderId":1,"productId":1,"quantity":1}'],
+    ):
+        result = run(settings, *command, "--topic", f"{settings.topic}-missing")
+        assert result.returncode == 1
+        assert "does not exist" in result.stderr and "stockflow topics create" in result.stderr
+
+
+def test_sigterm_stops_the_consumer_cleanly_and_keeps_its_progress(
+    settings: Settings, pipeline: Pipeline
+) -> None:
+    pipeline.inventory.seed({101: 100})
+    env = {
+        **os.environ,
+        "STOCKFLOW_TOPIC": settings.topic,
+        "STOCKFLOW_DATABASE": settings.database,
+        "STOCKFLOW_CACHE_KEY_PREFIX": settings.cache_key_prefix,
+        "STOCKFLOW_GROUP_ID": settings.group_id,
+    }
+    consumer = subprocess.Popen(
+        [sys.executable, "-m", "stockflow", "consume"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        produced = run(settings, "produce", '{"orderId": 1, "productId": 101, "quantity": 2}')
+        assert produced.returncode == 0, produced.stderr
+        assert consumer.stdout is not None
+        lines = []
+        for line in consumer.stdout:
+            lines.append(line.strip())
+            if line.startswith("Product stock updated"):
+                break
+        consumer.send_signal(signal.SIGTERM)
+        out, err = consumer.communicate(timeout=15)
+    finally:
+        consumer.kill()
+    assert consumer.returncode == 0, err
+    assert "SIGTERM: stopping" in err
+    assert lines[-1] == "Product stock updated for product 101, new stock: 98"
+    # The offset was committed on the way out: a new member of the group finds nothing to redo.
+    again = run(settings, "consume", "--idle-timeout", "3")
+    assert again.returncode == 0 and "Processing order" not in again.stdout
+    assert pipeline.inventory.stock_of(101) == 98
