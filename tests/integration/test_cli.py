@@ -142,7 +142,7 @@ def test_sigterm_stops_the_consumer_cleanly_and_keeps_its_progress(
             if line.startswith("Product stock updated"):
                 break
         consumer.send_signal(signal.SIGTERM)
-        out, err = consumer.communicate(timeout=15)
+        _, err = consumer.communicate(timeout=15)
     finally:
         consumer.kill()
     assert consumer.returncode == 0, err
