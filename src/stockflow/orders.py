@@ -1,4 +1,5 @@
-"""The order message: ``{"orderId", "productId", "quantity"}`` as JSON, decoded strictly.
+"""The messages: orders ``{"orderId", "productId", "quantity"}`` and restocks
+``{"restockId", "productId", "quantity"}``, as JSON, decoded strictly.
 
 Decoding never raises anything but :class:`InvalidOrderError`, whose ``reason`` names the
 first problem found, so a consumer can reject one message and carry on with the next.
@@ -8,6 +9,8 @@ MongoDB operator injection through the message.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar, Literal
 
 import msgspec
 
@@ -29,6 +32,17 @@ class Order(msgspec.Struct, frozen=True, rename="camel"):
     product_id: int
     quantity: int
 
+    kind: ClassVar[Literal["order"]] = "order"
+
+    @property
+    def id(self) -> int | str:
+        return self.order_id
+
+    @property
+    def delta(self) -> int:
+        """The change to stock when applied."""
+        return -self.quantity
+
     def encode(self) -> bytes:
         return _encoder.encode(self)
 
@@ -38,17 +52,50 @@ class Order(msgspec.Struct, frozen=True, rename="camel"):
         return str(self.product_id).encode()
 
 
+class Restock(msgspec.Struct, frozen=True, rename="camel"):
+    """A restock: add ``quantity`` units to product ``product_id``; travels like an order."""
+
+    restock_id: int | str
+    product_id: int
+    quantity: int
+
+    kind: ClassVar[Literal["restock"]] = "restock"
+
+    @property
+    def id(self) -> int | str:
+        return self.restock_id
+
+    @property
+    def delta(self) -> int:
+        """The change to stock when applied."""
+        return self.quantity
+
+    def encode(self) -> bytes:
+        return _encoder.encode(self)
+
+    @property
+    def key(self) -> bytes:
+        return str(self.product_id).encode()
+
+
+Command = Order | Restock
+"""Anything that changes stock."""
+
+
+class _Wire(msgspec.Struct, frozen=True, rename="camel"):
+    """What the topic may carry: an order or a restock, told apart by which id is present."""
+
+    product_id: int
+    quantity: int
+    order_id: int | str | msgspec.UnsetType = msgspec.UNSET
+    restock_id: int | str | msgspec.UnsetType = msgspec.UNSET
+
+
 _encoder = msgspec.json.Encoder()
-_decoder = msgspec.json.Decoder(Order)
+_wire_decoder = msgspec.json.Decoder(_Wire)
 
 
-def decode_order(
-    payload: bytes | None,
-    *,
-    max_bytes: int = MAX_MESSAGE_BYTES,
-    max_quantity: int = MAX_QUANTITY,
-) -> Order:
-    """Parse and validate one message value; raise InvalidOrderError with the reason."""
+def _check_payload(payload: bytes | None, max_bytes: int) -> bytes:
     if payload is None or len(payload) == 0:
         raise InvalidOrderError("empty message")
     if len(payload) > max_bytes:
@@ -59,28 +106,63 @@ def decode_order(
         payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidOrderError(f"message is not valid UTF-8 (byte {exc.start})") from None
+    return payload
+
+
+def decode_command(
+    payload: bytes | None,
+    *,
+    max_bytes: int = MAX_MESSAGE_BYTES,
+    max_quantity: int = MAX_QUANTITY,
+) -> Command:
+    """Parse and validate an order or a restock; raise InvalidOrderError with the reason."""
     try:
-        order = _decoder.decode(payload)
+        wire = _wire_decoder.decode(_check_payload(payload, max_bytes))
     except msgspec.ValidationError as exc:
         raise InvalidOrderError(f"invalid order: {exc}") from None
     except msgspec.DecodeError as exc:
         raise InvalidOrderError(f"malformed JSON: {exc}") from None
-    validate(order, max_quantity=max_quantity)
-    return order
+    command: Command
+    if isinstance(wire.order_id, int | str) and wire.restock_id is msgspec.UNSET:
+        command = Order(wire.order_id, wire.product_id, wire.quantity)
+    elif isinstance(wire.restock_id, int | str) and wire.order_id is msgspec.UNSET:
+        command = Restock(wire.restock_id, wire.product_id, wire.quantity)
+    else:
+        raise InvalidOrderError(
+            "invalid order: a message needs exactly one of `orderId` or `restockId`"
+        )
+    validate(command, max_quantity=max_quantity)
+    return command
 
 
-def validate(order: Order, *, max_quantity: int = MAX_QUANTITY) -> None:
+def decode_order(
+    payload: bytes | None,
+    *,
+    max_bytes: int = MAX_MESSAGE_BYTES,
+    max_quantity: int = MAX_QUANTITY,
+) -> Order:
+    """Parse and validate one order (a restock is refused); raise InvalidOrderError."""
+    command = decode_command(payload, max_bytes=max_bytes, max_quantity=max_quantity)
+    if not isinstance(command, Order):
+        raise InvalidOrderError("invalid order: expected an order, got a restock")
+    return command
+
+
+def validate(command: Command, *, max_quantity: int = MAX_QUANTITY) -> None:
     """Check the value ranges the types alone cannot express."""
-    if isinstance(order.order_id, str):
-        if not order.order_id.strip():
-            raise InvalidOrderError("orderId is empty")
-        if len(order.order_id) > MAX_ORDER_ID_LENGTH:
-            raise InvalidOrderError(f"orderId longer than {MAX_ORDER_ID_LENGTH} characters")
-    elif not -MAX_PRODUCT_ID <= order.order_id <= MAX_PRODUCT_ID:
-        raise InvalidOrderError("orderId is out of the exactly representable integer range")
-    if not 0 < order.product_id <= MAX_PRODUCT_ID:
-        raise InvalidOrderError(f"productId must be a positive integer, got {order.product_id}")
-    if order.quantity < 1:
-        raise InvalidOrderError(f"quantity must be at least 1, got {order.quantity}")
-    if order.quantity > max_quantity:
-        raise InvalidOrderError(f"quantity {order.quantity} exceeds the maximum of {max_quantity}")
+    name = "orderId" if command.kind == "order" else "restockId"
+    if isinstance(command.id, str):
+        if not command.id.strip():
+            raise InvalidOrderError(f"{name} is empty")
+        if len(command.id) > MAX_ORDER_ID_LENGTH:
+            raise InvalidOrderError(f"{name} longer than {MAX_ORDER_ID_LENGTH} characters")
+    elif not -MAX_PRODUCT_ID <= command.id <= MAX_PRODUCT_ID:
+        raise InvalidOrderError(f"{name} is out of the exactly representable integer range")
+    if not 0 < command.product_id <= MAX_PRODUCT_ID:
+        raise InvalidOrderError(f"productId must be a positive integer, got {command.product_id}")
+    if command.quantity < 1:
+        raise InvalidOrderError(f"quantity must be at least 1, got {command.quantity}")
+    if command.quantity > max_quantity:
+        raise InvalidOrderError(
+            f"quantity {command.quantity} exceeds the maximum of {max_quantity}"
+        )

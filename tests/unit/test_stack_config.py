@@ -45,7 +45,11 @@ def test_pidfile_tracks_a_live_process_and_forgets_a_dead_one(tmp_path: Path) ->
         cwd=tmp_path,
     )
     found = process.read_pidfile(pidfile)
-    assert found is not None and found.pid == record.pid
+    assert found is not None and found.pid == record.pid, (
+        process._proc_argv0(record.pid),
+        process._proc_state(record.pid),
+        pidfile.read_text(),
+    )
     assert process.terminate(record.pid, timeout=5) is False
     assert process.read_pidfile(pidfile) is None
 

@@ -75,8 +75,10 @@ def read_pidfile(path: Path) -> PidRecord | None:
     if not is_alive(record.pid):
         return None
     argv0 = _proc_argv0(record.pid)
+    if argv0 == "":
+        return record  # between fork and exec: the command line is not readable yet
     # Some servers rewrite their title ("redis-server 127.0.0.1:6379"): compare the program only.
-    if not argv0 or Path(argv0.split()[0]).name != Path(record.argv0).name:
+    if argv0 is None or Path(argv0.split()[0]).name != Path(record.argv0).name:
         return None
     return record
 
