@@ -1,14 +1,23 @@
-"""Redis cache-aside for product reads (key ``product_<id>``), as in the seed.
+"""Redis cache-aside for product reads (key ``product_<id>``), as in the seed, made race-free.
+
+Every cached product carries a version: the commands-topic offset of the last change written
+to it (``_stockflow.last``, -1 before any). A Lua script stores an entry only if it is newer
+than what Redis holds, so a reader that loaded a product just before a change can never put
+the old stock back after the writer refreshed the entry. The writer refreshes entries after
+each batch (write-through); when Redis is unreachable it remembers the products and deletes
+their entries once Redis answers again, so an outage never leaves stale stock behind for
+longer than that.
 
 The cache is an optimisation only: every Redis error is counted, logged once in a while and
 treated as a miss, so an outage slows reads down but never stops or corrupts stock updates.
-Entries expire after ``cache_ttl_seconds`` as a last bound on staleness.
+Entries also expire after ``cache_ttl_seconds``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import redis
@@ -19,6 +28,20 @@ from stockflow.config import Settings
 log = logging.getLogger(__name__)
 
 Product = dict[str, Any]
+VERSION = "_v"
+
+_STORE_IF_NEWER = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, decoded = pcall(cjson.decode, current)
+  if ok and type(decoded) == 'table' and decoded['_v'] ~= nil
+     and tonumber(decoded['_v']) >= tonumber(ARGV[2]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+return 1
+"""
 
 
 def redis_client(settings: Settings) -> redis.Redis:
@@ -31,6 +54,19 @@ def redis_client(settings: Settings) -> redis.Redis:
     )
 
 
+def product_version(product: Mapping[str, Any]) -> int:
+    """The version of a product document: the offset of its last change, -1 before any."""
+    marker = product.get("_stockflow")
+    if isinstance(marker, Mapping) and isinstance(marker.get("last"), int):
+        return int(marker["last"])
+    return -1
+
+
+def public_view(product: Mapping[str, Any]) -> Product:
+    """The product as readers see it: without ``_id`` and stockflow's bookkeeping."""
+    return {k: v for k, v in product.items() if k not in ("_id", "_stockflow", VERSION)}
+
+
 class ProductCache:
     """Products cached as JSON under ``<prefix><product_id>``."""
 
@@ -41,7 +77,10 @@ class ProductCache:
         self.hits = 0
         self.misses = 0
         self.errors = 0
+        self.stale: set[int] = set()
+        """Products whose entry could not be refreshed: deleted once Redis answers."""
         self._last_warning = 0.0
+        self._script = client.register_script(_STORE_IF_NEWER)
 
     @classmethod
     def from_settings(cls, settings: Settings, client: redis.Redis) -> ProductCache:
@@ -61,19 +100,46 @@ class ProductCache:
             self.misses += 1
             return None
         self.hits += 1
-        product: Product = json_util.loads(raw)
-        return product
+        return public_view(json_util.loads(raw))
 
-    def put(self, product_id: int, product: Product) -> None:
+    def put(self, product_id: int, product: Mapping[str, Any]) -> bool:
+        """Store ``product`` unless Redis holds a newer version; False if Redis failed."""
+        payload = {**public_view(product), VERSION: product_version(product)}
         try:
-            self.client.set(self.key(product_id), json_util.dumps(product), ex=self.ttl_seconds)
+            self._script(
+                keys=[self.key(product_id)],
+                args=[json_util.dumps(payload), payload[VERSION], self.ttl_seconds],
+            )
         except redis.RedisError as exc:
             self._failed("fill", exc)
+            return False
+        return True
+
+    def refresh(self, products: Iterable[Mapping[str, Any]]) -> None:
+        """Write-through after a change; remembers what could not be refreshed."""
+        self.retry_stale()
+        for product in products:
+            pid = int(product["product_id"])
+            if not self.put(pid, product):
+                self.stale.add(pid)
+
+    def retry_stale(self) -> None:
+        """Delete the entries that could not be refreshed during an outage, if Redis is back."""
+        if not self.stale:
+            return
+        try:
+            self.client.delete(*(self.key(pid) for pid in self.stale))
+        except redis.RedisError as exc:
+            self._failed("invalidate", exc)
+            return
+        log.warning("Redis is back: dropped %d cache entr(ies) missed meanwhile", len(self.stale))
+        self.stale.clear()
 
     def invalidate(self, product_id: int) -> None:
         try:
             self.client.delete(self.key(product_id))
         except redis.RedisError as exc:
+            self.stale.add(product_id)
             self._failed("invalidate", exc)
 
     def _failed(self, what: str, exc: redis.RedisError) -> None:

@@ -265,34 +265,43 @@ def consume(
         str | None,
         typer.Option("--group", "-g", help="Consumer group [default: STOCKFLOW_GROUP_ID]"),
     ] = None,
-    max_messages: Annotated[
-        int | None, typer.Option(min=1, help="Stop after this many messages.")
-    ] = None,
     idle_timeout: Annotated[
-        float | None, typer.Option(min=0.1, help="Stop after this many seconds without messages.")
+        float | None,
+        typer.Option(min=0.1, help="Exit once no message came for this many seconds."),
     ] = None,
+    role: Annotated[
+        str, typer.Option(help="router, applier or both (the two stages of one worker).")
+    ] = "both",
+    quiet: Annotated[bool, typer.Option(help="No per-order lines, only warnings.")] = False,
 ) -> None:
-    """Apply orders from the topic to stock, printing the seed's lines, until stopped.
+    """Run a worker: route the topic's orders by product, apply them to stock exactly once.
 
-    SIGINT or SIGTERM finishes the order in hand, commits and exits.
+    Prints the seed's lines per order. Runs until SIGINT or SIGTERM, which finish or abandon
+    the batch in hand safely (nothing is lost: an abandoned batch is redone by the next owner).
     """
-    from stockflow.consumer import OrderConsumer
     from stockflow.pipeline import open_pipeline
-    from stockflow.topics import require_topic
+    from stockflow.worker import Worker
 
+    roles = ("router", "applier") if role == "both" else (role,)
+    if not set(roles) <= {"router", "applier"}:
+        raise typer.BadParameter("--role is router, applier or both")
+    if quiet:
+        logging.getLogger("stockflow.orders").setLevel(logging.WARNING)
     s = settings(topic=topic, group_id=group)
-    require_topic(s, s.topic)
     with open_pipeline(s) as pipeline:
-        consumer = OrderConsumer(s, pipeline.processor)
+        worker = Worker(s, pipeline, roles=roles)
 
         def on_signal(signum: int, _: object) -> None:
-            err.print(f"[yellow]{signal.Signals(signum).name}: stopping after this order[/yellow]")
-            consumer.stop()
+            err.print(f"[yellow]{signal.Signals(signum).name}: stopping after this batch[/yellow]")
+            worker.stop()
 
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
-        err.print(f"[dim]Consuming {s.topic} as group {s.group_id} (Ctrl-C to stop)[/dim]")
-        stats = consumer.run(max_messages=max_messages, idle_timeout=idle_timeout)
+        err.print(
+            f"[dim]Consuming {s.topic} ({'+'.join(roles)}, group {s.group_id}); "
+            "Ctrl-C to stop[/dim]"
+        )
+        stats = worker.run(idle_timeout=idle_timeout)
     err.print(f"[dim]{stats.summary()}[/dim]")
 
 
@@ -312,7 +321,7 @@ def demo(
     if stack:
         _stack_up(s)
     result = run_demo(s, lambda line: console.print(f"[bold]{line}[/bold]"))
-    if result.stocks != [100, 99, 96, 96]:
+    if result.stocks != [100, 99, 96, 96]:  # the story itself is the check
         raise StockflowError(f"unexpected stock sequence {result.stocks}")
 
 

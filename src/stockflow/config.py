@@ -76,6 +76,46 @@ class Settings(BaseSettings):
     cache_ttl_seconds: int = Field(
         default=300, ge=1, description="Lifetime of a cached product, a bound on staleness."
     )
+    commands_topic_name: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("STOCKFLOW_COMMANDS_TOPIC", "commands_topic_name"),
+        description="Internal topic of validated stock changes keyed by product "
+        "(default `<topic>.by-product`).",
+    )
+    dlq_topic_name: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("STOCKFLOW_DLQ_TOPIC", "dlq_topic_name"),
+        description="Dead-letter topic (default `<topic>.dlq`).",
+    )
+    outcomes_topic_name: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("STOCKFLOW_OUTCOMES_TOPIC", "outcomes_topic_name"),
+        description="Topic of order outcomes (default `<topic>.outcomes`).",
+    )
+    commands_partitions: int = Field(
+        default=6, ge=1, description="Partitions of the internal topic (fixed once created)."
+    )
+    orders_collection: str = Field(default="orders", description="Outcome records of orders.")
+    restocks_collection: str = Field(default="restocks", description="Outcome records of restocks.")
+    max_quantity: int = Field(default=10_000, ge=1, description="Largest quantity accepted.")
+    max_message_bytes: int = Field(
+        default=64 * 1024, ge=64, description="Largest message accepted."
+    )
+    batch_size: int = Field(
+        default=500, ge=1, description="Most messages a consumer handles in one transaction."
+    )
+    transaction_timeout_ms: int = Field(
+        default=10_000,
+        ge=1000,
+        description="Kafka transaction timeout: how long a crashed consumer's open "
+        "transaction can hold readers back.",
+    )
+    max_attempts: int = Field(
+        default=5,
+        ge=1,
+        description="Attempts at a message failing for a non-transient reason before it is "
+        "dead-lettered.",
+    )
 
     # --- client tuning ---
     kafka_timeout_seconds: float = Field(
@@ -118,6 +158,23 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    # --- derived names ---
+    @property
+    def commands_topic(self) -> str:
+        return self.commands_topic_name or f"{self.topic}.by-product"
+
+    @property
+    def dlq_topic(self) -> str:
+        return self.dlq_topic_name or f"{self.topic}.dlq"
+
+    @property
+    def outcomes_topic(self) -> str:
+        return self.outcomes_topic_name or f"{self.topic}.outcomes"
+
+    @property
+    def router_group_id(self) -> str:
+        return f"{self.group_id}-router"
 
     # --- derived addresses ---
     def is_external(self, service: ServiceName) -> bool:

@@ -49,3 +49,11 @@ class ProduceError(StockflowError):
 
 class TopicError(StockflowError):
     """A topic could not be created, listed or described."""
+
+
+class TransientError(StockflowError):
+    """A failure worth retrying: a service is down or busy, or a write raced another."""
+
+
+class ConcurrentWriteError(TransientError):
+    """A product changed between reading it and writing it: another writer is active."""

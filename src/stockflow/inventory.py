@@ -1,23 +1,23 @@
 """The MongoDB stock store: products in the seed's plain schema (``product_id``, ``stock``).
 
-:meth:`Inventory.apply_order` is the one place an order changes stock. Its update is guarded
-(``stock >= quantity`` in the filter, ``$inc`` in the change), so a stale read can never
-drive stock below zero on MongoDB. FerretDB v1 evaluates that guard outside any lock, so
-concurrent writers of one product are kept apart by the pipeline's design, not here.
+:meth:`Inventory.write_changes` is the one place stock changes. stockflow adds one field of
+its own to a product it changes, ``_stockflow`` (see ``planner``), and needs no migration:
+products written by anyone in the plain schema work as they are.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from pymongo import ASCENDING, MongoClient, ReturnDocument, UpdateOne
+from pymongo import ASCENDING, MongoClient, UpdateOne
 from pymongo.collection import Collection
 from pymongo.errors import OperationFailure
 
 from stockflow.config import Settings
-from stockflow.orders import Order
-from stockflow.outcomes import OrderResult, Outcome
+from stockflow.errors import ConcurrentWriteError
+from stockflow.ledger import chunks
+from stockflow.planner import MARKER, ProductChange
 
 Product = dict[str, Any]
 
@@ -61,33 +61,58 @@ class Inventory:
         product = self.find_product(product_id)
         return None if product is None else int(product["stock"])
 
-    def apply_order(self, order: Order) -> OrderResult:
-        """Take the order's quantity out of stock if there is enough; never below zero.
+    def load(self, product_ids: Iterable[int]) -> dict[int, Product | None]:
+        """The documents of these products (None for a missing one), by product id."""
+        wanted = list(dict.fromkeys(product_ids))
+        found: dict[int, Product | None] = dict.fromkeys(wanted)
+        for chunk in chunks(wanted, 500):
+            for doc in self.products.find({"product_id": {"$in": list(chunk)}}):
+                pid = doc.get("product_id")
+                if isinstance(pid, int) and found.get(pid) is None:
+                    found[pid] = doc
+        return found
 
-        (No projection: FerretDB v1 does not implement ``fields`` in findAndModify.)
+    def write_changes(self, changes: Sequence[ProductChange]) -> None:
+        """Compare-and-set each product; ConcurrentWriteError if another writer got there first.
+
+        Each change is conditional on the stock and marker the plan was made from, so a second
+        writer of the same product (a consumer that lost its partition but has not noticed
+        yet) can never have its change silently overwritten on MongoDB.
         """
-        updated = self.products.find_one_and_update(
-            {"product_id": order.product_id, "stock": {"$gte": order.quantity}},
-            {"$inc": {"stock": -order.quantity}},
-            return_document=ReturnDocument.AFTER,
-        )
-        if updated is not None:
-            return OrderResult(
-                Outcome.APPLIED, order.product_id, order.quantity, int(updated["stock"])
+        ops = [
+            UpdateOne(
+                {
+                    "product_id": c.product_id,
+                    "stock": c.expected_stock,
+                    f"{MARKER}.last": c.expected_last
+                    if c.expected_last is not None
+                    else {"$exists": False},
+                },
+                {"$set": {"stock": c.new_stock, MARKER: c.marker}},
             )
-        stock = self.stock_of(order.product_id)
-        if stock is None:
-            return OrderResult(Outcome.UNKNOWN_PRODUCT, order.product_id, order.quantity)
-        return OrderResult(Outcome.INSUFFICIENT_STOCK, order.product_id, order.quantity, stock)
+            for c in changes
+        ]
+        matched = 0
+        for chunk in chunks(ops):
+            matched += self.products.bulk_write(list(chunk), ordered=False).matched_count
+        if matched != len(ops):
+            raise ConcurrentWriteError(
+                f"{len(ops) - matched} of {len(ops)} product(s) changed under this writer"
+            )
 
     def seed(self, products: Mapping[int, int]) -> None:
-        """Create or reset these products to the given stock; other products are untouched."""
-        self.products.bulk_write(
-            [
-                UpdateOne({"product_id": pid}, {"$set": {"stock": stock}}, upsert=True)
-                for pid, stock in products.items()
-            ]
-        )
+        """Create or reset these products to the given stock; other products are untouched.
+
+        A reset also drops stockflow's marker, so audits count from the new stock.
+        """
+        ops = [
+            UpdateOne(
+                {"product_id": pid}, {"$set": {"stock": stock}, "$unset": {MARKER: ""}}, upsert=True
+            )
+            for pid, stock in products.items()
+        ]
+        for chunk in chunks(ops):
+            self.products.bulk_write(list(chunk))
 
     def list_products(self, limit: int = 100) -> list[Product]:
         cursor = self.products.find({}, {"_id": 0}).sort("product_id", ASCENDING).limit(limit)

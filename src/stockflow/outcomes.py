@@ -1,30 +1,127 @@
-"""What happened to an order: the outcome enum and the result record the processor returns."""
+"""What happened to a stock change: the outcome enum, the outcome event, dead-letter headers.
+
+Every message on the input topic ends in exactly one outcome: an order or restock that was
+applied or rejected (recorded in MongoDB and published on ``<topic>.outcomes``), a duplicate
+of an earlier one (published, and noted on the original's record), or a dead letter
+(``<topic>.dlq``: the original bytes, with the reason and source in headers).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
+from typing import Any
+
+import msgspec
 
 
 class Outcome(StrEnum):
-    """The end state of one order message."""
+    """The end state of one message."""
 
     APPLIED = "applied"
-    """Stock was decremented by the order's quantity."""
+    """Stock changed by the order's (minus) or restock's (plus) quantity."""
     INSUFFICIENT_STOCK = "insufficient_stock"
     """The product has less stock than ordered; stock is unchanged."""
     UNKNOWN_PRODUCT = "unknown_product"
-    """No product has the order's productId; nothing changed."""
-    INVALID = "invalid"
-    """The message is not a valid order (see the reason); nothing changed."""
+    """No product has this productId; nothing changed."""
+    DUPLICATE = "duplicate"
+    """An order (or restock) with this id was seen before; this copy changed nothing."""
+    DEAD_LETTERED = "dead_lettered"
+    """Not a valid message, or one that kept failing; its bytes are on the dead-letter topic."""
 
 
-@dataclass(frozen=True, slots=True)
-class OrderResult:
-    """The outcome of one order, with the stock after it when the product exists."""
+class Source(msgspec.Struct, frozen=True, array_like=True):
+    """Where a message was read: topic, partition, offset."""
 
-    outcome: Outcome
-    product_id: int | None
-    quantity: int | None
+    topic: str
+    partition: int
+    offset: int
+
+    def __str__(self) -> str:
+        return f"{self.topic}[{self.partition}]@{self.offset}"
+
+
+class OutcomeEvent(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
+    """One message on the outcomes topic (keyed by product), and one record in MongoDB."""
+
+    kind: str
+    """``order`` or ``restock``."""
+    id: int | str
+    product_id: int
+    quantity: int
+    status: Outcome
     stock_after: int | None = None
     reason: str | None = None
+    source: Source | None = None
+    """Where the message was on the input topic."""
+    at: float = 0.0
+    """When the outcome became durable (Unix time, seconds)."""
+
+    def encode(self) -> bytes:
+        return _encoder.encode(self)
+
+
+def source_of(message: Any) -> Source:
+    """Where a Kafka message was read."""
+    return Source(message.topic() or "", message.partition() or 0, message.offset() or 0)
+
+
+_encoder = msgspec.json.Encoder()
+_event_decoder = msgspec.json.Decoder(OutcomeEvent)
+
+
+def decode_event(payload: bytes) -> OutcomeEvent:
+    return _event_decoder.decode(payload)
+
+
+# --- dead letters ---
+H_REASON = "stockflow.dlq.reason"
+H_SOURCE_TOPIC = "stockflow.dlq.source.topic"
+H_SOURCE_PARTITION = "stockflow.dlq.source.partition"
+H_SOURCE_OFFSET = "stockflow.dlq.source.offset"
+H_TIME = "stockflow.dlq.time"
+H_ATTEMPTS = "stockflow.dlq.attempts"
+
+
+Headers = list[tuple[str, str | bytes | None]]
+
+
+def _bytes(value: str | bytes | None) -> bytes:
+    return value.encode() if isinstance(value, str) else (value or b"")
+
+
+def dead_letter_headers(
+    reason: str,
+    source: Source,
+    *,
+    attempts: int = 1,
+    original: Any = None,
+) -> Headers:
+    """The original message's headers, then the reason, source and time of dead-lettering."""
+    items = original.items() if isinstance(original, Mapping) else (original or [])
+    headers: Headers = [(k, _bytes(v)) for k, v in items if not str(k).startswith("stockflow.dlq.")]
+    headers += [
+        (H_REASON, reason.encode()),
+        (H_SOURCE_TOPIC, source.topic.encode()),
+        (H_SOURCE_PARTITION, str(source.partition).encode()),
+        (H_SOURCE_OFFSET, str(source.offset).encode()),
+        (H_TIME, f"{time.time():.3f}".encode()),
+        (H_ATTEMPTS, str(attempts).encode()),
+    ]
+    return headers
+
+
+def header_map(headers: Sequence[tuple[str, str | bytes | None]] | None) -> Mapping[str, str]:
+    """Headers as text, the last value of a repeated name winning."""
+    return {k: _bytes(v).decode(errors="replace") for k, v in (headers or [])}
+
+
+def dead_letter_source(headers: Sequence[tuple[str, str | bytes | None]] | None) -> Source | None:
+    found = header_map(headers)
+    try:
+        return Source(
+            found[H_SOURCE_TOPIC], int(found[H_SOURCE_PARTITION]), int(found[H_SOURCE_OFFSET])
+        )
+    except (KeyError, ValueError):
+        return None

@@ -11,10 +11,10 @@ from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
 from stockflow.cache import ProductCache, redis_client
+from stockflow.catalog import ProductReader
 from stockflow.config import Settings
 from stockflow.errors import ServiceUnavailableError
 from stockflow.inventory import Inventory, Product, mongo_client
-from stockflow.processor import OrderProcessor
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Pipeline:
     redis: redis.Redis
     inventory: Inventory
     cache: ProductCache
-    processor: OrderProcessor
+    reader: ProductReader
 
 
 @contextmanager
@@ -47,7 +47,7 @@ def open_pipeline(settings: Settings, *, check: bool = True) -> Iterator[Pipelin
                 ) from None
         cache = ProductCache.from_settings(settings, cache_client)
         yield Pipeline(
-            settings, mongo, cache_client, inventory, cache, OrderProcessor(inventory, cache)
+            settings, mongo, cache_client, inventory, cache, ProductReader(inventory, cache)
         )
     finally:
         mongo.close()

@@ -1,0 +1,383 @@
+"""Consume → handle → produce, with the outputs and the input offsets in one Kafka transaction.
+
+Both stages of stockflow run this loop with their own handler. For each batch:
+
+1. poll up to ``batch_size`` messages (``read_committed``: aborted outputs are never seen);
+2. hand them to the handler, whose side effects (MongoDB writes) are durable and idempotent
+   when it returns; on a transient failure the assigned partitions are paused (the circuit
+   opens), the batch is retried with backoff while the group membership is kept, and work
+   resumes when the dependency answers;
+3. in one transaction: produce the handler's outputs, add the batch's offsets, commit;
+4. when the transaction fails, abort it and rewind to the batch's first offsets, so the batch
+   is handled again (idempotently) rather than lost;
+5. call the handler's ``committed`` hook (log lines, counts).
+
+A message that keeps failing for a non-transient reason is retried ``max_attempts`` times,
+then handled alone, and if it still fails, dead-lettered with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from stockflow.config import Settings
+from stockflow.errors import ServiceUnavailableError, TransientError
+from stockflow.outcomes import Headers, source_of
+from stockflow.retry import CircuitBreaker, CircuitState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """A message to produce inside the batch's transaction."""
+
+    topic: str
+    value: bytes | None
+    key: bytes | None = None
+    headers: Headers | None = None
+
+
+@dataclass
+class Handled:
+    """What a handler returns: messages to produce, and what to do once they are committed."""
+
+    outputs: list[Output]
+    on_commit: Callable[[], None] | None = None
+    counts: Counter[str] = field(default_factory=Counter)
+
+
+class Handler(Protocol):
+    """One stage's work on a batch."""
+
+    name: str
+    breaker: CircuitBreaker
+
+    def handle(self, messages: Sequence[Message]) -> Handled:
+        """Do the batch's durable, idempotent side effects; raise TransientError to retry."""
+        ...
+
+    def dead_letter(self, message: Message, reason: str, attempts: int) -> Output:
+        """The dead-letter record of a message that cannot be handled."""
+        ...
+
+
+@dataclass
+class LoopStats:
+    """Committed messages and the handler's counts."""
+
+    messages: int = 0
+    batches: int = 0
+    rewinds: int = 0
+    counts: Counter[str] = field(default_factory=Counter)
+
+
+def _first_offsets(messages: Sequence[Message]) -> list[TopicPartition]:
+    first: dict[tuple[str, int], int] = {}
+    for m in messages:
+        s = source_of(m)
+        first.setdefault((s.topic, s.partition), s.offset)
+    return [TopicPartition(t, p, o) for (t, p), o in first.items()]
+
+
+def _next_offsets(messages: Sequence[Message]) -> list[TopicPartition]:
+    last: dict[tuple[str, int], int] = {}
+    for m in messages:
+        s = source_of(m)
+        last[(s.topic, s.partition)] = s.offset + 1
+    return [TopicPartition(t, p, o) for (t, p), o in last.items()]
+
+
+class TransactionalLoop:
+    """A consumer-group member running one handler transactionally."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        handler: Handler,
+        *,
+        topics: list[str],
+        group_id: str,
+        consumer_config: dict[str, Any] | None = None,
+        start_offsets: dict[int, int] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.handler = handler
+        self.topics = topics
+        self.group_id = group_id
+        self.stats = LoopStats()
+        self.start_offsets = dict(start_offsets or {})
+        """Where to start reading (partition -> offset) instead of the committed offsets."""
+        self.assigned = threading.Event()
+        self.idle_since = time.monotonic()
+        self._stop = threading.Event()
+        self._revoked: set[tuple[str, int]] = set()
+        self._consumer_config = settings.kafka_config(
+            **{
+                "group.id": group_id,
+                "client.id": f"stockflow-{handler.name}",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "auto.offset.reset": "earliest",
+                "session.timeout.ms": 10_000,
+                "heartbeat.interval.ms": 1_000,
+                "max.poll.interval.ms": 300_000,
+                "fetch.wait.max.ms": 100,
+                **(consumer_config or {}),
+            }
+        )
+        self._producer_config = settings.kafka_config(
+            **{
+                "client.id": f"stockflow-{handler.name}",
+                "transactional.id": f"stockflow-{handler.name}-{uuid.uuid4().hex}",
+                "transaction.timeout.ms": settings.transaction_timeout_ms,
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 5,
+                "compression.type": "lz4",
+            }
+        )
+
+    # --- control ---
+    def stop(self) -> None:
+        """Finish or abandon the batch in hand safely, then return from run()."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._revoked.discard((tp.topic, tp.partition))
+            if tp.partition in self.start_offsets:
+                tp.offset = self.start_offsets.pop(tp.partition)
+        consumer.assign(partitions)
+        log.debug(
+            "%s: assigned %s", self.handler.name, [(tp.topic, tp.partition) for tp in partitions]
+        )
+        self.assigned.set()
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Called inside poll/consume, so no batch of these partitions is being written now;
+        # a batch held back by an outage is dropped (the next owner redoes it).
+        self._revoked.update((tp.topic, tp.partition) for tp in partitions)
+        log.debug(
+            "%s: revoked %s", self.handler.name, [(tp.topic, tp.partition) for tp in partitions]
+        )
+
+    # --- the loop ---
+    def run(self, *, idle_timeout: float | None = None) -> LoopStats:
+        """Run until stopped, or until no message came for ``idle_timeout`` seconds."""
+        consumer = Consumer(self._consumer_config)
+        producer = self._new_producer()
+        try:
+            consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+            self.idle_since = time.monotonic()
+            while not self._stop.is_set():
+                messages = [
+                    m for m in consumer.consume(self.settings.batch_size, 0.25) if self._ok(m)
+                ]
+                if not messages:
+                    if (
+                        idle_timeout is not None
+                        and time.monotonic() - self.idle_since > idle_timeout
+                    ):
+                        break
+                    continue
+                producer = self._run_batch(consumer, producer, messages)
+                self.idle_since = time.monotonic()
+        finally:
+            try:
+                consumer.close()
+            finally:
+                producer.flush(5)
+        return self.stats
+
+    def _ok(self, message: Message) -> bool:
+        error = message.error()
+        if error is None:
+            return True
+        if error.code() == KafkaError._PARTITION_EOF:
+            return False
+        if error.fatal():
+            raise ServiceUnavailableError(
+                f"{self.handler.name}: Kafka consumer failed: {error.str()}"
+            )
+        log.warning("%s: Kafka: %s", self.handler.name, error.str())
+        return False
+
+    def _new_producer(self) -> Producer:
+        producer = Producer(self._producer_config)
+        breaker = CircuitBreaker(f"{self.handler.name}: Kafka transactions")
+        while True:
+            try:
+                producer.init_transactions(self.settings.kafka_timeout_seconds)
+                breaker.succeeded()
+                return producer
+            except KafkaException as exc:
+                if self._stop.is_set():
+                    raise
+                time.sleep(breaker.failed(exc))
+
+    def _run_batch(
+        self, consumer: Consumer, producer: Producer, messages: list[Message]
+    ) -> Producer:
+        handled = self._handle_with_retries(consumer, messages)
+        if handled is None:
+            self._rewind(consumer, messages)
+            return producer
+        try:
+            producer.begin_transaction()
+            for out in handled.outputs:
+                self._produce(producer, out)
+            producer.send_offsets_to_transaction(
+                _next_offsets(messages),
+                consumer.consumer_group_metadata(),
+                self.settings.kafka_timeout_seconds,
+            )
+            self._commit(producer)
+        except KafkaException as exc:
+            error = exc.args[0]
+            log.warning(
+                "%s: transaction failed (%s); rewinding %d message(s)",
+                self.handler.name, error.str(), len(messages),
+            )  # fmt: skip
+            if error.txn_requires_abort():
+                try:
+                    producer.abort_transaction(self.settings.kafka_timeout_seconds)
+                except KafkaException as abort_exc:
+                    log.warning("%s: abort failed: %s", self.handler.name, abort_exc)
+                    producer = self._new_producer()
+            else:
+                producer = self._new_producer()
+            self._rewind(consumer, messages)
+            time.sleep(0.5)
+            return producer
+        self.stats.messages += len(messages)
+        self.stats.batches += 1
+        self.stats.counts.update(handled.counts)
+        if handled.on_commit is not None:
+            handled.on_commit()
+        return producer
+
+    def _produce(self, producer: Producer, out: Output) -> None:
+        while True:
+            try:
+                producer.produce(out.topic, out.value, out.key, headers=out.headers)
+                return
+            except BufferError:
+                producer.poll(0.05)
+
+    def _commit(self, producer: Producer) -> None:
+        for attempt in range(5):
+            try:
+                producer.commit_transaction(self.settings.kafka_timeout_seconds)
+                return
+            except KafkaException as exc:
+                if not exc.args[0].retriable() or attempt == 4:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+
+    def _rewind(self, consumer: Consumer, messages: Sequence[Message]) -> None:
+        """Seek back to the batch's first offsets (partitions still ours) to redo it."""
+        self.stats.rewinds += 1
+        for tp in _first_offsets(messages):
+            if (tp.topic, tp.partition) in self._revoked:
+                continue
+            try:
+                consumer.seek(tp)
+            except KafkaException as exc:
+                log.warning("%s: cannot rewind %s: %s", self.handler.name, tp, exc)
+
+    def _still_ours(self, messages: Sequence[Message]) -> bool:
+        return not any((m.topic(), m.partition()) in self._revoked for m in messages)
+
+    def _handle_with_retries(self, consumer: Consumer, messages: list[Message]) -> Handled | None:
+        """The handler's result; None when the batch must be dropped (revoked or stopping)."""
+        breaker = self.handler.breaker
+        failures = 0
+        while True:
+            try:
+                handled = self.handler.handle(messages)
+                if breaker.state is CircuitState.OPEN:
+                    consumer.resume(consumer.assignment())
+                breaker.succeeded()
+                return handled
+            except TransientError as exc:
+                delay = breaker.failed(exc)
+                consumer.pause(consumer.assignment())
+                if not self._wait(consumer, delay, messages):
+                    consumer.resume(consumer.assignment())
+                    return None
+            except Exception as exc:
+                failures += 1
+                log.error(
+                    "%s: batch failed (attempt %d): %s",
+                    self.handler.name, failures, exc,
+                )  # fmt: skip
+                if failures < self.settings.max_attempts:
+                    if not self._wait(consumer, 0.2 * failures, messages):
+                        return None
+                    continue
+                return self._one_by_one(consumer, messages)
+
+    def _one_by_one(self, consumer: Consumer, messages: list[Message]) -> Handled | None:
+        """Handle each message alone; dead-letter those that still fail."""
+        merged = Handled(outputs=[])
+        hooks: list[Callable[[], None]] = []
+        for message in messages:
+            for attempt in range(1, self.settings.max_attempts + 1):
+                try:
+                    handled = self.handler.handle([message])
+                except TransientError:
+                    return None  # redo the whole batch once the outage is over
+                except Exception as exc:
+                    if attempt < self.settings.max_attempts:
+                        continue
+                    reason = f"failed {attempt} times: {type(exc).__name__}: {exc}"
+                    log.error("%s: dead-lettering %s[%s]@%s: %s\n%s",
+                        self.handler.name, message.topic(), message.partition(),
+                        message.offset(), reason, traceback.format_exc(limit=3),
+                    )  # fmt: skip
+                    merged.outputs.append(self.handler.dead_letter(message, reason, attempt))
+                    merged.counts["dead_lettered"] += 1
+                    break
+                merged.outputs += handled.outputs
+                merged.counts.update(handled.counts)
+                if handled.on_commit:
+                    hooks.append(handled.on_commit)
+                break
+        if not self._still_ours(messages):
+            return None
+
+        def run_hooks() -> None:
+            for hook in hooks:
+                hook()
+
+        merged.on_commit = run_hooks
+        return merged
+
+    def _wait(self, consumer: Consumer, delay: float, messages: Sequence[Message]) -> bool:
+        """Sleep ``delay`` while serving the group; False if the batch must be dropped."""
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline:
+            if self._stop.is_set():
+                return False
+            # Paused partitions return nothing; newly assigned ones could, so rewind those.
+            message = consumer.poll(0.1)
+            if message is not None and message.error() is None:
+                s = source_of(message)
+                consumer.seek(TopicPartition(s.topic, s.partition, s.offset))
+                consumer.pause([TopicPartition(s.topic, s.partition)])
+        return self._still_ours(messages)

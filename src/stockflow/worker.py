@@ -1,0 +1,139 @@
+"""A stockflow worker: the router and the applier, each a consumer-group member, side by side.
+
+Run as many workers as there are cores to spare: Kafka spreads the input partitions over the
+routers and the commands-topic partitions (one per product group) over the appliers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from stockflow.applier import Applier
+from stockflow.config import Settings
+from stockflow.ledger import Ledger
+from stockflow.pipeline import Pipeline
+from stockflow.planner import Decision
+from stockflow.router import Router
+from stockflow.topics import create_topic, end_offsets, require_topic
+from stockflow.txloop import LoopStats, TransactionalLoop
+
+log = logging.getLogger(__name__)
+
+
+def ensure_topics(settings: Settings) -> None:
+    """Create the commands, dead-letter and outcomes topics if they are missing."""
+    partitions = require_topic(settings, settings.topic)
+    create_topic(settings, settings.commands_topic, partitions=settings.commands_partitions)
+    create_topic(settings, settings.dlq_topic, partitions=max(1, partitions))
+    create_topic(settings, settings.outcomes_topic, partitions=settings.commands_partitions)
+
+
+@dataclass
+class WorkerStats:
+    """What the two stages committed."""
+
+    router: LoopStats = field(default_factory=LoopStats)
+    applier: LoopStats = field(default_factory=LoopStats)
+
+    @property
+    def outcomes(self) -> Counter[str]:
+        counts = Counter(self.applier.counts)
+        counts["dead_lettered"] += self.router.counts["dead_lettered"]
+        return +counts
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{k} {v}" for k, v in sorted(self.outcomes.items()))
+        return (
+            f"routed {self.router.messages} message(s), applied {self.applier.messages} "
+            f"command(s)" + (f": {parts}" if parts else "")
+        )
+
+
+class Worker:
+    """Runs a router and an applier until stopped (or idle)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        pipeline: Pipeline,
+        *,
+        listener: Callable[[Decision], None] | None = None,
+        roles: tuple[str, ...] = ("router", "applier"),
+        start_at_end: bool = False,
+    ) -> None:
+        """``start_at_end``: ignore committed offsets and read only messages sent from now on."""
+        self.settings = settings
+        ledger = Ledger(
+            pipeline.mongo[settings.database],
+            settings.orders_collection,
+            settings.restocks_collection,
+        )
+        ledger.ensure_indexes()
+        self.applier = Applier(settings, pipeline.inventory, ledger, pipeline.cache)
+        if listener is not None:
+            self.applier.listeners.append(listener)
+        self.loops: dict[str, TransactionalLoop] = {}
+        if start_at_end:
+            ensure_topics(settings)
+        if "router" in roles:
+            self.loops["router"] = TransactionalLoop(
+                settings,
+                Router(settings),
+                topics=[settings.topic],
+                group_id=settings.router_group_id,
+                start_offsets=end_offsets(settings, settings.topic) if start_at_end else None,
+            )
+        if "applier" in roles:
+            commands = settings.commands_topic
+            self.loops["applier"] = TransactionalLoop(
+                settings,
+                self.applier,
+                topics=[commands],
+                group_id=settings.group_id,
+                start_offsets=end_offsets(settings, commands) if start_at_end else None,
+            )
+        self.stats = WorkerStats()
+        self.errors: list[BaseException] = []
+
+    def stop(self) -> None:
+        for loop in self.loops.values():
+            loop.stop()
+
+    def wait_assigned(self, timeout: float) -> bool:
+        return all(loop.assigned.wait(timeout) for loop in self.loops.values())
+
+    def run(self, *, idle_timeout: float | None = None) -> WorkerStats:
+        """Run both stages; with ``idle_timeout``, return once neither has work for that long."""
+        ensure_topics(self.settings)
+        threads = []
+        for name, loop in self.loops.items():
+            thread = threading.Thread(
+                target=self._run_loop, args=(name, loop, idle_timeout), name=f"stockflow-{name}"
+            )
+            thread.start()
+            threads.append(thread)
+        try:
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(0.2)
+        except BaseException:
+            self.stop()
+            for thread in threads:
+                thread.join()
+            raise
+        if self.errors:
+            raise self.errors[0]
+        return self.stats
+
+    def _run_loop(self, name: str, loop: TransactionalLoop, idle_timeout: float | None) -> None:
+        try:
+            result = loop.run(idle_timeout=idle_timeout)
+            setattr(self.stats, name, result)
+        except BaseException as exc:
+            log.exception("%s stopped with an error", name)
+            self.errors.append(exc)
+            self.stop()
