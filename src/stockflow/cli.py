@@ -327,6 +327,8 @@ def demo(
 
 def main() -> None:
     """Entry point: StockflowError becomes a one-line message and exit status 1."""
+    import stockflow.cli_ops  # noqa: F401  (registers the operator commands)
+
     try:
         app()
     except StockflowError as exc:

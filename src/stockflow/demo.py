@@ -74,9 +74,7 @@ def run_demo(settings: Settings, say: Callable[[str], None]) -> DemoResult:
             settings.orders_collection,
             settings.restocks_collection,
         )
-        ledger.collections["order"].delete_many(
-            {"_id": {"$in": [o.order_id for o in DEMO_ORDERS]}, "productId": 101}
-        )
+        ledger.archive("order", [o.order_id for o in DEMO_ORDERS], product_id=101)
         for pid in DEMO_PRODUCTS:
             pipeline.cache.invalidate(pid)
         start = pipeline.inventory.stock_of(101)

@@ -130,6 +130,23 @@ class Ledger:
             for chunk in chunks(ops):
                 collection.bulk_write(list(chunk), ordered=False)
 
+    def archive(self, kind: str, ids: Sequence[int | str], *, product_id: int) -> int:
+        """Free these ids of ``product_id`` for reuse, keeping their records under a new id.
+
+        The demo reuses the seed's order ids; archiving (not deleting) keeps every earlier
+        message accounted for in audits.
+        """
+        collection = self.collections[kind]
+        moved = 0
+        for doc in collection.find({"_id": {"$in": list(ids)}, "productId": product_id}):
+            original = doc["_id"]
+            doc["_id"] = f"{original}@archived-{time.time():.6f}"
+            doc["archived"] = True
+            collection.insert_one(doc)
+            collection.delete_one({"_id": original})
+            moved += 1
+        return moved
+
     def find(self, kind: str, ident: int | str) -> Doc | None:
         return self.collections[kind].find_one({"_id": ident})
 

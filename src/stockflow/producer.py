@@ -16,7 +16,7 @@ from confluent_kafka import KafkaError, Message, Producer
 
 from stockflow.config import Settings
 from stockflow.errors import ProduceError
-from stockflow.orders import Order
+from stockflow.orders import Command
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,8 @@ class OrderProducer:
             self.report.errors.append(f"{msg.topic()}: {err.str()}")
         log.error("Order not delivered to %s: %s", msg.topic(), err.str())
 
-    def send(self, order: Order, *, headers: Headers | None = None) -> None:
-        """Queue one order, keyed by its product."""
+    def send(self, order: Command, *, headers: Headers | None = None) -> None:
+        """Queue one order (or restock), keyed by its product."""
         self.send_raw(order.encode(), key=order.key, headers=headers)
 
     def send_raw(

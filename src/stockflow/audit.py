@@ -1,0 +1,124 @@
+"""The audit: recompute stock from the recorded outcomes, and account for every input message.
+
+1. For every product stockflow has changed: ``baseline + restocks applied - orders applied``
+   (counting the changes from the marker's ``since`` offset on) must equal ``stock``; no stock
+   may be negative.
+2. Every message of the input topic must have exactly one outcome: the record it claimed,
+   a place in a record's duplicates, or a dead letter; no record may be left pending.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from stockflow.config import Settings
+from stockflow.dlq import read_dead_letters, read_topic_to_end
+from stockflow.ledger import PENDING
+from stockflow.outcomes import Outcome, Source
+from stockflow.pipeline import Pipeline
+from stockflow.planner import MARKER
+
+
+@dataclass
+class AuditReport:
+    """What the audit found; ``ok`` when there is nothing to report."""
+
+    products_checked: int = 0
+    messages_checked: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    stock_mismatches: list[str] = field(default_factory=list)
+    negative_stock: list[str] = field(default_factory=list)
+    without_outcome: list[str] = field(default_factory=list)
+    several_outcomes: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+
+    @property
+    def discrepancies(self) -> int:
+        return (
+            len(self.stock_mismatches)
+            + len(self.negative_stock)
+            + len(self.without_outcome)
+            + len(self.several_outcomes)
+            + len(self.pending)
+        )
+
+    @property
+    def ok(self) -> bool:
+        return self.discrepancies == 0
+
+
+def _src(value: Any) -> Source | None:
+    if isinstance(value, list) and len(value) == 3:
+        return Source(str(value[0]), int(value[1]), int(value[2]))
+    return None
+
+
+def run_audit(settings: Settings, pipeline: Pipeline, *, messages: bool = True) -> AuditReport:
+    report = AuditReport()
+    database = pipeline.mongo[settings.database]
+    seen: dict[Source, list[str]] = defaultdict(list)
+    deltas: dict[int, list[tuple[int, int, int]]] = defaultdict(list)  # pid -> (part, off, delta)
+    for kind, name in (
+        ("order", settings.orders_collection),
+        ("restock", settings.restocks_collection),
+    ):
+        for record in database[name].find({}):
+            ident = f"{kind} {record['_id']!r}"
+            status = record.get("status")
+            report.outcomes[str(status)] += 1
+            source = _src(record.get("source"))
+            if source is not None:
+                seen[source].append(f"{ident}: {status}")
+            for dup in record.get("duplicates", []) or []:
+                dup_source = _src(dup)
+                if dup_source is not None:
+                    seen[dup_source].append(f"{ident}: duplicate")
+                    report.outcomes[Outcome.DUPLICATE.value] += 1
+            if status == PENDING:
+                report.pending.append(ident)
+            position = _src(record.get("position"))
+            if status == Outcome.APPLIED.value and position is not None:
+                sign = -1 if kind == "order" else 1
+                deltas[int(record["productId"])].append(
+                    (position.partition, position.offset, sign * int(record["quantity"]))
+                )
+    _check_products(pipeline, deltas, report)
+    if messages:
+        for letter in read_dead_letters(settings):
+            report.outcomes[Outcome.DEAD_LETTERED.value] += 1
+            if letter.source is not None:
+                seen[letter.source].append(f"dead letter {letter.ref}: {letter.reason}")
+        for msg in read_topic_to_end(settings, settings.topic):
+            report.messages_checked += 1
+            source = Source(settings.topic, msg.partition(), msg.offset())  # type: ignore[attr-defined]
+            found = seen.get(source, [])
+            if not found:
+                report.without_outcome.append(str(source))
+            elif len(found) > 1:
+                report.several_outcomes.append(f"{source}: {'; '.join(found)}")
+    return report
+
+
+def _check_products(
+    pipeline: Pipeline, deltas: Mapping[int, list[tuple[int, int, int]]], report: AuditReport
+) -> None:
+    for product in pipeline.inventory.products.find({}):
+        report.products_checked += 1
+        pid = product.get("product_id")
+        stock = product.get("stock")
+        if isinstance(stock, int | float) and stock < 0:
+            report.negative_stock.append(f"product {pid}: stock {stock}")
+        marker = product.get(MARKER)
+        if not isinstance(marker, Mapping) or "baseline" not in marker or not isinstance(pid, int):
+            continue
+        since, partition = int(marker.get("since", 0)), int(marker.get("partition", 0))
+        expected = int(marker["baseline"]) + sum(
+            d for p, o, d in deltas.get(pid, []) if p == partition and o >= since
+        )
+        if expected != stock:
+            report.stock_mismatches.append(
+                f"product {pid}: stock {stock}, expected {expected} from its outcomes"
+            )

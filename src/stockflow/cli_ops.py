@@ -1,0 +1,213 @@
+"""Operator commands: orders show, products show|restock, dlq list|show|replay, audit."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+import uuid
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from stockflow.cli import TopicOpt, app, console, err, products_app, settings
+from stockflow.errors import StockflowError
+
+orders_app = typer.Typer(help="What happened to an order.", no_args_is_help=True)
+dlq_app = typer.Typer(help="Inspect and replay dead letters.", no_args_is_help=True)
+app.add_typer(orders_app, name="orders")
+app.add_typer(dlq_app, name="dlq")
+
+
+def _ident(raw: str) -> list[int | str]:
+    """An id as typed: both the number and the string when it looks like a number."""
+    return [int(raw), raw] if raw.lstrip("-").isdigit() else [raw]
+
+
+def _when(at: Any) -> str:
+    if not isinstance(at, int | float):
+        return "-"
+    return dt.datetime.fromtimestamp(at, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _show_record(record: dict[str, Any]) -> None:
+    table = Table(show_header=False)
+    for key in ("orderId", "restockId", "productId", "quantity", "status", "stockAfter", "reason"):
+        if key in record and record[key] is not None:
+            table.add_row(key, str(record[key]))
+    if record.get("source"):
+        topic, partition, offset = record["source"]
+        table.add_row("source", f"{topic}[{partition}]@{offset}")
+    table.add_row("at", _when(record.get("at")))
+    for topic, partition, offset in record.get("duplicates") or []:
+        table.add_row("duplicate", f"{topic}[{partition}]@{offset}")
+    console.print(table)
+
+
+@orders_app.command("show")
+def orders_show(order_id: Annotated[str, typer.Argument(help="The order's orderId.")]) -> None:
+    """Show an order's outcome: status, stock after it, where it came from, its duplicates."""
+    from stockflow.ledger import Ledger
+    from stockflow.pipeline import open_pipeline
+
+    s = settings()
+    with open_pipeline(s) as pipeline:
+        ledger = Ledger(pipeline.mongo[s.database], s.orders_collection, s.restocks_collection)
+        for ident in _ident(order_id):
+            record = ledger.find("order", ident)
+            if record is not None:
+                _show_record(record)
+                return
+    err.print(f"no outcome recorded for order {order_id!r} (not consumed yet, or unknown)")
+    raise typer.Exit(1)
+
+
+@products_app.command("show")
+def products_show(product_id: Annotated[int, typer.Argument(help="The product_id.")]) -> None:
+    """Show a product as readers see it (through the Redis cache)."""
+    from stockflow.pipeline import open_pipeline
+
+    with open_pipeline(settings()) as pipeline:
+        product = pipeline.reader.lookup(product_id)
+    if product is None:
+        err.print(f"no product {product_id}")
+        raise typer.Exit(1)
+    console.print_json(json.dumps(product, default=str))
+
+
+@products_app.command("restock")
+def products_restock(
+    product_id: Annotated[int, typer.Argument(help="The product_id.")],
+    quantity: Annotated[int, typer.Argument(min=1, help="Units to add.")],
+    restock_id: Annotated[
+        str | None, typer.Option(help="Idempotency key [default: a new random id].")
+    ] = None,
+    topic: TopicOpt = None,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the outcome (0: don't).")] = 30,
+) -> None:
+    """Add stock through the same path as orders (never a direct write), with its own outcome.
+
+    Sending the same --restock-id twice adds the stock once.
+    """
+    from stockflow.ledger import PENDING, Ledger
+    from stockflow.orders import Restock, validate
+    from stockflow.pipeline import open_pipeline
+    from stockflow.producer import OrderProducer
+    from stockflow.topics import require_topic
+
+    s = settings(topic=topic)
+    command = Restock(restock_id or f"restock-{uuid.uuid4().hex[:12]}", product_id, quantity)
+    validate(command, max_quantity=s.max_quantity)
+    require_topic(s, s.topic)
+    with OrderProducer(s) as producer:
+        producer.send(command)
+    console.print(f"restock {command.restock_id}: sent to {s.topic}")
+    if wait <= 0:
+        return
+    with open_pipeline(s) as pipeline:
+        ledger = Ledger(pipeline.mongo[s.database], s.orders_collection, s.restocks_collection)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            record = ledger.find("restock", command.restock_id)
+            if record is not None and record.get("status") != PENDING:
+                _show_record(record)
+                return
+            time.sleep(0.2)
+    err.print(f"no outcome within {wait:.0f}s: is a worker (`stockflow consume`) running?")
+    raise typer.Exit(1)
+
+
+@dlq_app.command("list")
+def dlq_list(topic: TopicOpt = None) -> None:
+    """List dead letters: where each came from, why, and its first bytes."""
+    from stockflow.dlq import read_dead_letters
+
+    s = settings(topic=topic)
+    letters = read_dead_letters(s)
+    table = Table("ref", "source", "reason", "value", "time")
+    for letter in letters:
+        value = (letter.value or b"")[:40].decode(errors="replace")
+        table.add_row(letter.ref, str(letter.source), letter.reason, value, _when(letter.time))
+    console.print(table)
+    console.print(f"{len(letters)} dead letter(s) on {s.dlq_topic}")
+
+
+def _find(ref: str, topic: str | None) -> Any:
+    from stockflow.dlq import read_dead_letters
+
+    for letter in read_dead_letters(settings(topic=topic)):
+        if letter.ref == ref:
+            return letter
+    raise StockflowError(f"no dead letter {ref} (see `stockflow dlq list`)")
+
+
+@dlq_app.command("show")
+def dlq_show(
+    ref: Annotated[str, typer.Argument(help="partition:offset, from `dlq list`")],
+    topic: TopicOpt = None,
+) -> None:
+    """Show one dead letter whole: its reason, source, headers and original bytes."""
+    letter = _find(ref, topic)
+    console.print(f"ref:      {letter.ref}\nsource:   {letter.source}\nreason:   {letter.reason}")
+    console.print(f"time:     {_when(letter.time)}\nattempts: {letter.attempts}")
+    console.print(f"key:      {letter.key!r}\nvalue:    {letter.value!r}", markup=False)
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    refs: Annotated[list[str], typer.Argument(help="partition:offset of each to replay")],
+    value: Annotated[
+        str | None, typer.Option(help="Corrected message to send instead (one ref only).")
+    ] = None,
+    topic: TopicOpt = None,
+) -> None:
+    """Publish chosen dead letters to the input topic again, as they are or corrected.
+
+    A corrected order keeps its orderId, so replaying it twice still applies it once.
+    """
+    from stockflow.dlq import replay
+
+    if value is not None and len(refs) != 1:
+        raise typer.BadParameter("--value replaces one dead letter: give exactly one ref")
+    s = settings(topic=topic)
+    letters = [_find(ref, topic) for ref in refs]
+    count = replay(s, letters, value=value.encode() if value is not None else None)
+    console.print(f"replayed {count} dead letter(s) to {s.topic}")
+
+
+@app.command()
+def audit(
+    topic: TopicOpt = None,
+    messages: Annotated[
+        bool, typer.Option(help="Also account for every input message (reads the topics).")
+    ] = True,
+) -> None:
+    """Recompute stock from the recorded outcomes and check every message has one outcome.
+
+    Exits 1 on any discrepancy.
+    """
+    from stockflow.audit import run_audit
+    from stockflow.pipeline import open_pipeline
+
+    s = settings(topic=topic)
+    with open_pipeline(s) as pipeline:
+        report = run_audit(s, pipeline, messages=messages)
+    console.print(
+        f"checked {report.products_checked} product(s), {report.messages_checked} message(s); "
+        f"outcomes: {dict(sorted(report.outcomes.items()))}"
+    )
+    for title, rows in (
+        ("stock differs from outcomes", report.stock_mismatches),
+        ("negative stock", report.negative_stock),
+        ("message without an outcome", report.without_outcome),
+        ("message with several outcomes", report.several_outcomes),
+        ("record still pending", report.pending),
+    ):
+        for row in rows[:20]:
+            console.print(f"[red]{title}:[/red] {row}")
+        if len(rows) > 20:
+            console.print(f"[red]{title}:[/red] ... and {len(rows) - 20} more")
+    console.print(f"discrepancies: {report.discrepancies}")
+    if not report.ok:
+        raise typer.Exit(1)
