@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv system-deps demo test test-fast lint format up down status clean
+.PHONY: help venv system-deps demo test test-fast chaos lint format up down status clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -30,6 +30,10 @@ demo: $(STAMP) system-deps ## Run the seed's pipeline end to end on the local st
 test: $(STAMP) system-deps lint ## Lint, then the whole test suite against the real stack (started if needed)
 	$(BIN)/stockflow stack up
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+chaos: $(STAMP) system-deps ## Chaos scenarios at full size (STOCKFLOW_CHAOS_SCALE=1): kill -9, outages, bad input
+	$(BIN)/stockflow stack up
+	STOCKFLOW_CHAOS_SCALE=$${STOCKFLOW_CHAOS_SCALE:-1} $(BIN)/python -m pytest tests/chaos -m chaos -s $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## Unit tests only (no services)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

@@ -73,7 +73,7 @@ def run_audit(settings: Settings, pipeline: Pipeline, *, messages: bool = True) 
             if source is not None:
                 seen[source].append(f"{ident}: {status}")
             for dup in record.get("duplicates", []) or []:
-                dup_source = _src(dup)
+                dup_source = Source.parse(str(dup))
                 if dup_source is not None:
                     seen[dup_source].append(f"{ident}: duplicate")
                     report.outcomes[Outcome.DUPLICATE.value] += 1

@@ -40,8 +40,8 @@ def _show_record(record: dict[str, Any]) -> None:
         topic, partition, offset = record["source"]
         table.add_row("source", f"{topic}[{partition}]@{offset}")
     table.add_row("at", _when(record.get("at")))
-    for topic, partition, offset in record.get("duplicates") or []:
-        table.add_row("duplicate", f"{topic}[{partition}]@{offset}")
+    for duplicate in record.get("duplicates") or []:
+        table.add_row("duplicate", str(duplicate))
     console.print(table)
 
 

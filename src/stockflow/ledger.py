@@ -22,8 +22,10 @@ from stockflow.planner import Decision, Entry, owner_key
 
 Doc = dict[str, Any]
 PENDING = "pending"
-CHUNK = 32
-"""Statements per write command: FerretDB v1 deadlocks at its pool size (50) and above."""
+CHUNK = 16
+"""Statements per write command. FerretDB v1 holds a pooled connection per statement until the
+command ends and deadlocks when the pool (50 by default, 180 as stockflow starts it, 100 with
+SQLite) runs dry across all concurrent commands: keep commands small."""
 
 
 def _src(source: Source) -> list[Any]:
@@ -110,7 +112,8 @@ class Ledger:
                     ops.append(
                         UpdateOne(
                             {"_id": command.id},
-                            {"$addToSet": {"duplicates": _src(d.entry.source)}},
+                            # A string: FerretDB v1 stores no arrays inside arrays.
+                            {"$addToSet": {"duplicates": str(d.entry.source)}},
                         )
                     )
                     continue

@@ -41,6 +41,16 @@ class Source(msgspec.Struct, frozen=True, array_like=True):
     def __str__(self) -> str:
         return f"{self.topic}[{self.partition}]@{self.offset}"
 
+    @classmethod
+    def parse(cls, text: str) -> Source | None:
+        """The inverse of ``str()``: ``topic[partition]@offset``."""
+        topic, _, rest = text.rpartition("[")
+        partition, _, offset = rest.partition("]@")
+        try:
+            return cls(topic, int(partition), int(offset))
+        except ValueError:
+            return None
+
 
 class OutcomeEvent(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
     """One message on the outcomes topic (keyed by product), and one record in MongoDB."""

@@ -6,10 +6,12 @@ every outcome and the one compare-and-set change per product. It is deterministi
 replayed after a crash plans the same outcomes, and each product's ``_stockflow`` marker tells
 it what the crashed attempt already wrote:
 
-``_stockflow = {partition, first, last, before, baseline, since}``: the last change written to
-this product covered the commands at offsets ``first..last`` of ``partition`` of the commands
-topic, starting from stock ``before``; ``baseline`` is the stock stockflow found before the
-command at offset ``since`` (the audit counts changes from there).
+``_stockflow = {partition, first, last, before, steps, baseline, since}``: the changes written
+since the last commit cover the commands at offsets ``first..last`` of ``partition`` of the
+commands topic, starting from stock ``before``; ``steps`` maps each of those offsets to the
+stock after it, so a replay can start at any of them (a re-fetch need not split batches where
+the crashed attempt did). ``baseline`` is the stock stockflow found before the command at
+offset ``since``: the audit counts changes from there.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class ProductChange:
     expected_stock: Any
     expected_last: int | None
     new_stock: int
-    marker: dict[str, int]
+    marker: dict[str, Any]
 
 
 @dataclass
@@ -138,22 +140,21 @@ def _plan_product(
     last = marker.get("last") if marker and marker.get("partition") == partition else None
     running = stock
     replayed = 0
+    steps: dict[str, int] = {}
+    first, before = group[0].position.offset, stock
     if marker is not None and last is not None and last >= group[0].position.offset:
-        # A replay of a batch whose change was already written: recompute from before it.
-        if marker.get("first") == group[0].position.offset:
-            running = int(marker["before"])
-        else:
-            log.warning(
-                "product %s: replay from offset %s does not start at the written change "
-                "(%s..%s); treating those commands as applied",
-                product_id, group[0].position.offset, marker.get("first"), last,
-            )  # fmt: skip
+        # A replay of commands whose change was already written (but not committed): decide
+        # them again from the stock before the first of them, which the marker's steps give.
+        steps = {str(k): int(v) for k, v in (marker.get("steps") or {}).items()}
+        first, before = int(marker["first"]), int(marker["before"])
+        earlier = [int(k) for k in steps if int(k) < group[0].position.offset]
+        running = steps[str(max(earlier))] if earlier else before
         for entry in group:
             if entry.position.offset > last:
                 break
             running = _decide(entry, running, verdicts)
             replayed += 1
-        if running != stock:
+        if group[replayed - 1].position.offset == last and running != stock:
             log.error(
                 "product %s: replayed stock %s differs from stored %s", product_id, running, stock
             )
@@ -161,16 +162,20 @@ def _plan_product(
     fresh = group[replayed:]
     if not fresh:
         return
-    before = running
+    if not replayed:
+        first, before = fresh[0].position.offset, running
+    start = running
     for entry in fresh:
         running = _decide(entry, running, verdicts)
-    if running == before and marker is not None and last is not None:
+        steps[str(entry.position.offset)] = running
+    if running == start and marker is not None and last is not None:
         return  # nothing applied: no write needed, the marker stays valid
-    new_marker = {
+    new_marker: dict[str, Any] = {
         "partition": partition,
-        "first": fresh[0].position.offset,
+        "first": first,
         "last": fresh[-1].position.offset,
         "before": before,
+        "steps": steps,
     }
     if marker and "baseline" in marker and "since" in marker:
         new_marker["baseline"] = int(marker["baseline"])

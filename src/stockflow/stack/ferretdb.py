@@ -92,7 +92,11 @@ class FerretDBService(Service):
         return argv
 
     def postgresql_url(self) -> str:
-        return f"postgres://postgres@127.0.0.1:{self.settings.postgres_port}/ferretdb"
+        # FerretDB v1 holds one pooled connection per statement of a write command until the
+        # command ends, and deadlocks when the pool runs dry; its default pool is 50. PostgreSQL
+        # is started with max_connections=200, so give FerretDB most of them.
+        port = self.settings.postgres_port
+        return f"postgres://postgres@127.0.0.1:{port}/ferretdb?pool_max_conns=180"
 
     def probe(self) -> str | None:
         from pymongo import MongoClient

@@ -1,0 +1,252 @@
+"""Chaos runs: real worker processes, real faults, and the audit as the judge.
+
+A run seeds products, produces a stream of orders (plus restocks and malformed messages) over
+a multi-partition input topic, keeps one or more ``stockflow consume`` processes working on it,
+injects faults (``kill -9``, stopping a service) while it flows, then waits until every message
+has an outcome and checks the books with the audit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from stockflow.audit import AuditReport, run_audit
+from stockflow.config import Settings
+from stockflow.orders import Order, Restock
+from stockflow.pipeline import open_pipeline
+from stockflow.producer import OrderProducer
+from stockflow.topics import create_topic
+
+
+def bad_message(rng: random.Random) -> bytes:
+    """A generated bad message: broken, mistyped, injected, oversized or not text at all."""
+    valid = {"orderId": f"bad-{rng.random()}", "productId": rng.randint(1, 9), "quantity": 1}
+    kind = rng.randrange(7)
+    if kind == 0:
+        raw = json.dumps(valid).encode()
+        return raw[: rng.randrange(len(raw))]  # truncated
+    if kind == 1:
+        field_ = rng.choice(list(valid))
+        valid[field_] = rng.choice(["7", 1.5, None, True, [], -3, 10**9])  # type: ignore[assignment]
+        return json.dumps(valid).encode()
+    if kind == 2:
+        valid[rng.choice(["productId", "quantity", "orderId"])] = {"$gt": 0}  # type: ignore[assignment]
+        return json.dumps(valid).encode()
+    if kind == 3:
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40)))
+    if kind == 4:
+        del valid[rng.choice(list(valid))]  # type: ignore[misc]
+        return json.dumps(valid).encode()
+    if kind == 5:
+        return json.dumps({**valid, "pad": "x" * 70_000}).encode()
+    return rng.choice([b"", b"null", b"[]", b'"order"', b"\xff\xfe{}"])
+
+
+@dataclass
+class ChaosResult:
+    """Counts of one run and the audit's verdict."""
+
+    name: str
+    orders: int
+    restocks: int
+    malformed: int
+    faults: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    report: AuditReport | None = None
+    negative: int = 0
+
+    def line(self) -> str:
+        r = self.report
+        assert r is not None
+        return (
+            f"{self.name}: {self.orders} orders, {self.restocks} restocks, {self.malformed} "
+            f"malformed; faults: {', '.join(self.faults) or 'none'}; outcomes "
+            f"{dict(sorted(r.outcomes.items()))}; messages checked {r.messages_checked}; "
+            f"discrepancies {r.discrepancies}; {self.seconds:.0f}s"
+        )
+
+
+def chaos_settings(base: Settings, *, partitions: int = 3) -> Settings:
+    tag = uuid.uuid4().hex[:8]
+    s = base.model_copy(
+        update={
+            "topic": f"chaos-{tag}",
+            "database": f"stockflow_chaos_{tag}",
+            "cache_key_prefix": f"chaos_{tag}_product_",
+            "group_id": f"chaos-{tag}",
+            "commands_partitions": 6,
+        }
+    )
+    create_topic(s, s.topic, partitions=partitions)
+    return s
+
+
+def worker_env(s: Settings) -> dict[str, str]:
+    return {
+        **os.environ,
+        "STOCKFLOW_TOPIC": s.topic,
+        "STOCKFLOW_DATABASE": s.database,
+        "STOCKFLOW_CACHE_KEY_PREFIX": s.cache_key_prefix,
+        "STOCKFLOW_GROUP_ID": s.group_id,
+        "STOCKFLOW_COMMANDS_PARTITIONS": str(s.commands_partitions),
+        "STOCKFLOW_MONGODB_TIMEOUT_MS": "2000",
+    }
+
+
+class Workers:
+    """``stockflow consume`` processes that can be killed and restarted."""
+
+    def __init__(self, s: Settings, count: int, log_dir: Path) -> None:
+        self.settings = s
+        self.log_dir = log_dir
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: list[BinaryIO] = []
+        for _ in range(count):
+            self.start()
+
+    def start(self) -> None:
+        log = (self.log_dir / f"worker-{len(self.logs)}.log").open("ab")
+        self.logs.append(log)
+        self.procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "stockflow", "consume", "--quiet"],
+                env=worker_env(self.settings),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
+
+    def kill_one(self, rng: random.Random) -> None:
+        alive = [p for p in self.procs if p.poll() is None]
+        victim = rng.choice(alive)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        self.procs.remove(victim)
+        self.start()
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for log in self.logs:
+            log.close()
+
+
+def produce_stream(
+    s: Settings,
+    *,
+    orders: int,
+    products: int,
+    restock_every: int,
+    malformed_every: int,
+    rng: random.Random,
+    rate: float,
+) -> tuple[int, int, int]:
+    """Produce orders (no key: any partition) with restocks and junk mixed in, at ``rate``/s."""
+    restocks = malformed = 0
+    started = time.monotonic()
+    with OrderProducer(s, **{"linger.ms": 20, "message.max.bytes": 200_000}) as producer:
+        for i in range(orders):
+            pid = rng.randint(1, products)
+            producer.send_raw(Order(f"o{i}", pid, rng.randint(1, 3)).encode())
+            if restock_every and i % restock_every == 0:
+                producer.send_raw(Restock(f"r{i}", pid, rng.randint(5, 20)).encode())
+                restocks += 1
+            if malformed_every and i % malformed_every == 0:
+                producer.send_raw(bad_message(rng))
+                malformed += 1
+            if rate and i % 100 == 0:
+                ahead = i / rate - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+    return orders, restocks, malformed
+
+
+def run_chaos(
+    base: Settings,
+    name: str,
+    *,
+    orders: int,
+    products: int = 200,
+    workers: int = 1,
+    faults: Callable[[Settings, Workers, random.Random, list[str]], None] | None = None,
+    restock_every: int = 50,
+    malformed_every: int = 97,
+    rate: float = 0,
+    log_dir: Path,
+    timeout: float = 600,
+    seed: int = 7,
+) -> ChaosResult:
+    """Run one scenario to the end and audit it."""
+    rng = random.Random(seed)
+    s = chaos_settings(base)
+    started = time.monotonic()
+    with open_pipeline(s) as pipeline:
+        pipeline.inventory.seed({pid: 50 for pid in range(1, products + 1)})
+    pool = Workers(s, workers, log_dir)
+    result = ChaosResult(name, 0, 0, 0)
+    try:
+        producer_result: list[tuple[int, int, int]] = []
+        producing = threading.Thread(
+            target=lambda: producer_result.append(
+                produce_stream(
+                    s,
+                    orders=orders,
+                    products=products,
+                    restock_every=restock_every,
+                    malformed_every=malformed_every,
+                    rng=random.Random(seed + 1),
+                    rate=rate,
+                )
+            )
+        )
+        producing.start()
+        if faults is not None:
+            faults(s, pool, rng, result.faults)
+        producing.join()
+        result.orders, result.restocks, result.malformed = producer_result[0]
+        total = sum(producer_result[0])
+        deadline = time.monotonic() + timeout
+        with open_pipeline(s) as pipeline:
+            while time.monotonic() < deadline:
+                report = run_audit(s, pipeline, messages=False)
+                decided = sum(v for k, v in report.outcomes.items() if k != "pending")
+                if decided + _dead_letters(s) >= total and not report.pending:
+                    break
+                time.sleep(2)
+        pool.stop()
+        with open_pipeline(s) as pipeline:
+            result.report = run_audit(s, pipeline)
+            result.negative = pipeline.inventory.products.count_documents({"stock": {"$lt": 0}})
+    finally:
+        pool.stop()
+    result.seconds = time.monotonic() - started
+    (log_dir / f"{name}.json").write_text(json.dumps({"line": result.line()}))
+    return result
+
+
+def _dead_letters(s: Settings) -> int:
+    from stockflow.dlq import read_dead_letters
+
+    try:
+        return len(read_dead_letters(s))
+    except Exception:
+        return 0

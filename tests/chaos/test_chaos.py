@@ -1,0 +1,139 @@
+"""Chaos scenarios: every message gets exactly one outcome and the books balance, whatever breaks.
+
+``make chaos`` runs the full sizes (50,000 orders with five ``kill -9``); the test suite runs
+the same scenarios smaller (``STOCKFLOW_CHAOS_SCALE``, default 0.1 here) so they keep working.
+The faults act on the local stack's own services, so these scenarios skip when a service is
+the user's own.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stockflow.config import Settings, load_settings
+from stockflow.stack import Stack
+from stockflow.stack.ferretdb import FerretDBService
+from stockflow.stack.kafka import KafkaService
+from stockflow.stack.redis import RedisService
+from stockflow.stack.service import Service
+from tests.chaos.harness import ChaosResult, Workers, run_chaos
+
+SCALE = float(os.environ.get("STOCKFLOW_CHAOS_SCALE", "0.1"))
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def base() -> Iterator[Settings]:
+    settings = load_settings()
+    for name in ("kafka", "mongodb", "redis"):
+        if settings.is_external(name):  # type: ignore[arg-type]
+            pytest.skip(f"{name} is the user's own: chaos runs only break the local stack")
+    Stack(settings).up()
+    yield settings
+    Stack(settings).up()  # leave everything running, whatever a scenario did
+
+
+@pytest.fixture
+def log_dir(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+def n(full: int) -> int:
+    return max(500, int(full * SCALE))
+
+
+def check(result: ChaosResult) -> None:
+    print(result.line())
+    with Path(os.environ.get("STOCKFLOW_CHAOS_LOG", "/dev/null")).open("a") as log:
+        log.write(result.line() + "\n")
+    assert result.report is not None
+    assert result.negative == 0
+    assert result.report.discrepancies == 0, result.report
+    assert result.report.messages_checked == result.orders + result.restocks + result.malformed
+
+
+def outage(service: Service, after: float, down: float):  # type: ignore[no-untyped-def]
+    def inject(s: Settings, pool: Workers, rng: random.Random, faults: list[str]) -> None:
+        time.sleep(after)
+        service.stop()
+        faults.append(f"{service.name} stopped {down:.0f}s")
+        time.sleep(down)
+        _, pid = service.start(lambda _: None)
+        service.wait_ready(pid)
+
+    return inject
+
+
+def test_kill_9_at_five_random_moments(base: Settings, log_dir: Path) -> None:
+    orders = n(50_000)
+
+    def kills(s: Settings, pool: Workers, rng: random.Random, faults: list[str]) -> None:
+        moments = sorted(rng.uniform(3, 30) for _ in range(5))
+        started = time.monotonic()
+        for moment in moments:
+            time.sleep(max(0.0, moment - (time.monotonic() - started)))
+            pool.kill_one(rng)
+            faults.append(f"kill -9 at {moment:.1f}s")
+
+    check(run_chaos(base, "kill-9", orders=orders, faults=kills, rate=orders / 30, log_dir=log_dir))
+
+
+def test_mongodb_compatible_server_down_for_20s(base: Settings, log_dir: Path) -> None:
+    orders = n(20_000)
+    fault = outage(FerretDBService(base), after=4, down=20)
+    check(
+        run_chaos(
+            base, "mongodb-down", orders=orders, faults=fault, rate=orders / 30, log_dir=log_dir
+        )
+    )
+
+
+def test_redis_down_for_20s(base: Settings, log_dir: Path) -> None:
+    orders = n(20_000)
+    fault = outage(RedisService(base), after=4, down=20)
+    check(
+        run_chaos(
+            base, "redis-down", orders=orders, faults=fault, rate=orders / 30, log_dir=log_dir
+        )
+    )
+
+
+def test_kafka_broker_restarted(base: Settings, log_dir: Path) -> None:
+    orders = n(20_000)
+    fault = outage(KafkaService(base), after=5, down=3)
+    check(
+        run_chaos(
+            base, "kafka-restart", orders=orders, faults=fault, rate=orders / 30, log_dir=log_dir
+        )
+    )
+
+
+def test_three_consumers_with_hot_products_and_restocks(base: Settings, log_dir: Path) -> None:
+    orders = n(30_000)
+    check(
+        run_chaos(
+            base,
+            "three-consumers",
+            orders=orders,
+            products=20,
+            workers=3,
+            restock_every=10,
+            rate=orders / 20,
+            log_dir=log_dir,
+        )
+    )
+
+
+def test_thousands_of_malformed_messages_interleaved(base: Settings, log_dir: Path) -> None:
+    orders = n(20_000)
+    check(
+        run_chaos(
+            base, "malformed", orders=orders, malformed_every=5, rate=orders / 20, log_dir=log_dir
+        )
+    )
