@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -98,6 +99,21 @@ class Worker:
             )
         self.stats = WorkerStats()
         self.errors: list[BaseException] = []
+
+    def health(self) -> dict[str, dict[str, object]]:
+        """Each stage's circuit state and progress, for health checks and (later) metrics."""
+        return {
+            name: {
+                "circuit": loop.handler.breaker.state.value,
+                "failures": loop.handler.breaker.failures,
+                "last_error": loop.handler.breaker.last_error,
+                "messages": loop.stats.messages,
+                "batches": loop.stats.batches,
+                "rewinds": loop.stats.rewinds,
+                "idle_seconds": round(time.monotonic() - loop.idle_since, 1),
+            }
+            for name, loop in self.loops.items()
+        }
 
     def stop(self) -> None:
         for loop in self.loops.values():

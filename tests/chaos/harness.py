@@ -66,6 +66,8 @@ class ChaosResult:
     seconds: float = 0.0
     report: AuditReport | None = None
     negative: int = 0
+    stale_cache: int = 0
+    """Products whose read through the cache disagrees with MongoDB after the run."""
 
     def line(self) -> str:
         r = self.report
@@ -74,7 +76,8 @@ class ChaosResult:
             f"{self.name}: {self.orders} orders, {self.restocks} restocks, {self.malformed} "
             f"malformed; faults: {', '.join(self.faults) or 'none'}; outcomes "
             f"{dict(sorted(r.outcomes.items()))}; messages checked {r.messages_checked}; "
-            f"discrepancies {r.discrepancies}; {self.seconds:.0f}s"
+            f"discrepancies {r.discrepancies}; stale cache entries {self.stale_cache}; "
+            f"{self.seconds:.0f}s"
         )
 
 
@@ -236,6 +239,10 @@ def run_chaos(
         with open_pipeline(s) as pipeline:
             result.report = run_audit(s, pipeline)
             result.negative = pipeline.inventory.products.count_documents({"stock": {"$lt": 0}})
+            for product in pipeline.inventory.products.find({}):
+                seen = pipeline.reader.lookup(int(product["product_id"]))
+                if seen is None or seen["stock"] != product["stock"]:
+                    result.stale_cache += 1
     finally:
         pool.stop()
     result.seconds = time.monotonic() - started

@@ -54,6 +54,7 @@ def check(result: ChaosResult) -> None:
         log.write(result.line() + "\n")
     assert result.report is not None
     assert result.negative == 0
+    assert result.stale_cache == 0
     assert result.report.discrepancies == 0, result.report
     assert result.report.messages_checked == result.orders + result.restocks + result.malformed
 

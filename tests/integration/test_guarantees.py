@@ -262,3 +262,17 @@ def test_generated_junk_never_stops_the_line(fuzz_settings: Settings, junk: list
         assert valid >= len(junk)  # every valid order next to the junk was applied
         assert pipeline.inventory.stock_of(101) == before - valid
         assert sum(run.outcomes.values()) == 2 * len(junk)
+
+
+def test_worker_health_reports_each_stage(settings: Settings, pipeline: Pipeline) -> None:
+    pipeline.inventory.seed({101: 5})
+    with OrderProducer(settings) as producer:
+        producer.send(Order(1, 101, 1))
+    worker = Worker(settings, pipeline)
+    thread = threading.Thread(target=lambda: worker.run(idle_timeout=4), daemon=True)
+    thread.start()
+    thread.join(60)
+    health = worker.health()
+    assert set(health) == {"router", "applier"}
+    assert health["applier"]["circuit"] == "closed" and health["applier"]["messages"] == 1
+    assert health["router"]["messages"] == 1
