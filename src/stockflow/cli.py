@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -258,6 +259,42 @@ def produce(
         raise typer.Exit(1)
 
 
+def _supervise(args: list[str]) -> int:
+    """Run ``consume --no-supervise ARGS`` and restart it after a crash or a hang."""
+    import subprocess
+
+    from stockflow.retry import Backoff
+    from stockflow.txloop import EXIT_STUCK
+
+    stopping = False
+    child: subprocess.Popen[bytes] | None = None
+
+    def forward(signum: int, _: object) -> None:
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    backoff = Backoff(base=1.0, cap=30.0)
+    while True:
+        started = time.monotonic()
+        child = subprocess.Popen(
+            [sys.executable, "-m", "stockflow", "consume", "--no-supervise", *args]
+        )
+        code = child.wait()
+        # Restart after a hang (75) or a death by signal (OOM killer, kill -9); any other
+        # status is the worker's own verdict (0: done, 1: a clear error) and is passed on.
+        if stopping or (code != EXIT_STUCK and code >= 0):
+            return code
+        if time.monotonic() - started > 60:
+            backoff.reset()
+        delay = backoff.next_delay()
+        err.print(f"[yellow]worker exited with status {code}; restarting in {delay:.1f}s[/yellow]")
+        time.sleep(delay)
+
+
 @app.command()
 def consume(
     topic: TopicOpt = None,
@@ -273,6 +310,13 @@ def consume(
         str, typer.Option(help="router, applier or both (the two stages of one worker).")
     ] = "both",
     quiet: Annotated[bool, typer.Option(help="No per-order lines, only warnings.")] = False,
+    supervise: Annotated[
+        bool,
+        typer.Option(
+            help="Run the worker as a child process and restart it if it dies or hangs "
+            "(exit 75); --no-supervise runs it in this process."
+        ),
+    ] = True,
 ) -> None:
     """Run a worker: route the topic's orders by product, apply them to stock exactly once.
 
@@ -282,6 +326,12 @@ def consume(
     from stockflow.pipeline import open_pipeline
     from stockflow.worker import Worker
 
+    if supervise:
+        args = ["--role", role] + (["--quiet"] if quiet else [])
+        args += ["--topic", topic] if topic else []
+        args += ["--group", group] if group else []
+        args += ["--idle-timeout", str(idle_timeout)] if idle_timeout is not None else []
+        raise typer.Exit(_supervise(args))
     roles = ("router", "applier") if role == "both" else (role,)
     if not set(roles) <= {"router", "applier"}:
         raise typer.BadParameter("--role is router, applier or both")

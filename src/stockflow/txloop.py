@@ -14,11 +14,18 @@ Both stages of stockflow run this loop with their own handler. For each batch:
 
 A message that keeps failing for a non-transient reason is retried ``max_attempts`` times,
 then handled alone, and if it still fails, dead-lettered with the reason.
+
+librdkafka's ``send_offsets_to_transaction`` can block forever, past its timeout, when the
+group coordinator went away (librdkafka issues #5456 and #5511, open). No Python code can
+interrupt it, so a watchdog ends the process with ``EXIT_STUCK`` once a transaction step has
+taken far longer than allowed; the supervisor (``stockflow consume``) starts a fresh worker,
+which redoes the uncommitted batch idempotently.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import traceback
@@ -36,6 +43,15 @@ from stockflow.outcomes import Headers, source_of
 from stockflow.retry import CircuitBreaker, CircuitState
 
 log = logging.getLogger(__name__)
+
+EXIT_STUCK = 75
+"""Exit status of a worker whose Kafka transaction hung (EX_TEMPFAIL: restart it)."""
+
+
+def _exit_stuck(what: str) -> None:
+    log.critical("%s: exiting (status %d) so that a fresh worker takes over", what, EXIT_STUCK)
+    logging.shutdown()
+    os._exit(EXIT_STUCK)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +138,9 @@ class TransactionalLoop:
         self.idle_since = time.monotonic()
         self._stop = threading.Event()
         self._revoked: set[tuple[str, int]] = set()
+        self._txn_since: float | None = None
+        self.on_stuck: Callable[[str], None] = _exit_stuck
+        """Called (from the watchdog thread) when a transaction step hangs."""
         self._consumer_config = settings.kafka_config(
             **{
                 "group.id": group_id,
@@ -181,6 +200,9 @@ class TransactionalLoop:
         """Run until stopped, or until no message came for ``idle_timeout`` seconds."""
         consumer = Consumer(self._consumer_config)
         producer = self._new_producer()
+        watchdog = threading.Thread(target=self._watch, name=f"{self.handler.name}-watchdog")
+        watchdog.daemon = True
+        watchdog.start()
         try:
             consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
             self.idle_since = time.monotonic()
@@ -203,6 +225,17 @@ class TransactionalLoop:
             finally:
                 producer.flush(5)
         return self.stats
+
+    def _watch(self) -> None:
+        limit = 3 * self.settings.kafka_timeout_seconds + 10
+        while not self._stop.wait(1.0):
+            since = self._txn_since
+            if since is not None and time.monotonic() - since > limit:
+                self.on_stuck(
+                    f"{self.handler.name}: a Kafka transaction step hung for over {limit:.0f}s "
+                    "(librdkafka #5456)"
+                )
+                return
 
     def _ok(self, message: Message) -> bool:
         error = message.error()
@@ -237,6 +270,7 @@ class TransactionalLoop:
         if handled is None:
             self._rewind(consumer, messages)
             return producer
+        self._txn_since = time.monotonic()
         try:
             producer.begin_transaction()
             for out in handled.outputs:
@@ -264,6 +298,8 @@ class TransactionalLoop:
             self._rewind(consumer, messages)
             time.sleep(0.5)
             return producer
+        finally:
+            self._txn_since = None
         self.stats.messages += len(messages)
         self.stats.batches += 1
         self.stats.counts.update(handled.counts)

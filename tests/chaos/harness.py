@@ -105,6 +105,7 @@ def worker_env(s: Settings) -> dict[str, str]:
         "STOCKFLOW_GROUP_ID": s.group_id,
         "STOCKFLOW_COMMANDS_PARTITIONS": str(s.commands_partitions),
         "STOCKFLOW_MONGODB_TIMEOUT_MS": "2000",
+        "STOCKFLOW_KAFKA_TIMEOUT_SECONDS": "10",
     }
 
 
@@ -124,12 +125,20 @@ class Workers:
         self.logs.append(log)
         self.procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "stockflow", "consume", "--quiet"],
+                [sys.executable, "-m", "stockflow", "consume", "--quiet", "--no-supervise"],
                 env=worker_env(self.settings),
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
         )
+
+    def revive(self) -> int:
+        """Restart workers that exited on their own (a hung transaction ends in status 75)."""
+        dead = [p for p in self.procs if p.poll() is not None]
+        for proc in dead:
+            self.procs.remove(proc)
+            self.start()
+        return len(dead)
 
     def kill_one(self, rng: random.Random) -> None:
         alive = [p for p in self.procs if p.poll() is None]
@@ -231,6 +240,8 @@ def run_chaos(
         with open_pipeline(s) as pipeline:
             while time.monotonic() < deadline:
                 report = run_audit(s, pipeline, messages=False)
+                if pool.revive():
+                    result.faults.append("a worker exited and was restarted")
                 decided = sum(v for k, v in report.outcomes.items() if k != "pending")
                 if decided + _dead_letters(s) >= total and not report.pending:
                     break
