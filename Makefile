@@ -27,9 +27,10 @@ system-deps: ## Install missing system packages the stack needs (redis-server, P
 demo: $(STAMP) system-deps ## Run the seed's pipeline end to end on the local stack
 	$(BIN)/stockflow demo
 
-test: $(STAMP) system-deps lint ## Lint, then the whole test suite against the real stack (started if needed)
+test: $(STAMP) system-deps lint ## Lint, the whole suite on the real stack (started if needed), chaos at 1/10 size
 	$(BIN)/stockflow stack up
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	STOCKFLOW_CHAOS_SCALE=0.1 $(BIN)/python -m pytest tests/chaos -m chaos $(PYTEST_ARGS)
 
 chaos: $(STAMP) system-deps ## Chaos scenarios at full size (STOCKFLOW_CHAOS_SCALE=1): kill -9, outages, bad input
 	$(BIN)/stockflow stack up
