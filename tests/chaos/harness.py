@@ -238,7 +238,7 @@ def run_chaos(
         total = sum(producer_result[0])
         deadline = time.monotonic() + timeout
         with open_pipeline(s) as pipeline:
-            while time.monotonic() < deadline:
+            while deadline > time.monotonic():
                 report = run_audit(s, pipeline, messages=False)
                 if pool.revive():
                     result.faults.append("a worker exited and was restarted")

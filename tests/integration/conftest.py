@@ -111,7 +111,7 @@ def process(
     thread.start()
     deadline = time.monotonic() + timeout
     try:
-        while time.monotonic() < deadline and not errors:
+        while deadline > time.monotonic() and not errors:
             run.dead_letters = worker.loops["router"].stats.counts["dead_lettered"]
             if len(run.decisions) + run.dead_letters >= expect:
                 time.sleep(linger)
@@ -146,7 +146,7 @@ def read_topic(settings: Settings, topic: str, *, timeout: float = 10) -> list[o
     deadline = time.monotonic() + timeout
     partitions: int | None = None
     try:
-        while time.monotonic() < deadline:
+        while deadline > time.monotonic():
             msg = consumer.poll(0.2)
             if msg is None:
                 continue

@@ -209,7 +209,7 @@ def test_naive_check_then_decrement_oversells_and_stockflow_does_not(
             for t in threads:
                 t.start()
             deadline = time.monotonic() + 90
-            while len(decided) < 300 and time.monotonic() < deadline:
+            while len(decided) < 300 and deadline > time.monotonic():
                 time.sleep(0.1)
             for w in workers:
                 w.stop()
