@@ -29,11 +29,10 @@ from stockflow.config import Settings
 from stockflow.errors import InvalidOrderError, TransientError
 from stockflow.inventory import Inventory
 from stockflow.ledger import Ledger, to_event
-from stockflow.orders import decode_command
 from stockflow.outcomes import Outcome, dead_letter_headers, source_of
 from stockflow.planner import Decision, Entry, plan_batch
 from stockflow.retry import CircuitBreaker
-from stockflow.router import H_SOURCE, decode_source
+from stockflow.router import H_SOURCE, decode_message, decode_source
 from stockflow.txloop import Handled, Output
 
 log = logging.getLogger("stockflow.orders")
@@ -67,11 +66,7 @@ class Applier:
             headers = dict(message.headers() or [])
             source = decode_source(headers.get(H_SOURCE)) or position
             try:
-                command = decode_command(
-                    message.value(),
-                    max_bytes=self.settings.max_message_bytes,
-                    max_quantity=self.settings.max_quantity,
-                )
+                command = decode_message(self.settings, message)
             except InvalidOrderError as exc:
                 outputs.append(self.dead_letter(message, f"bad command: {exc.reason}", 1))
                 counts[Outcome.DEAD_LETTERED.value] += 1

@@ -18,7 +18,7 @@ from confluent_kafka import Message
 
 from stockflow.config import Settings
 from stockflow.errors import InvalidOrderError
-from stockflow.orders import decode_command
+from stockflow.orders import Command, decode_command
 from stockflow.outcomes import Source, dead_letter_headers, source_of
 from stockflow.retry import CircuitBreaker
 from stockflow.txloop import Handled, Output
@@ -47,6 +47,15 @@ def decode_source(raw: str | bytes | None) -> Source | None:
         return None
 
 
+def decode_message(settings: Settings, message: Message) -> Command:
+    """A message's order or restock, within the configured limits; InvalidOrderError if not."""
+    return decode_command(
+        message.value(),
+        max_bytes=settings.max_message_bytes,
+        max_quantity=settings.max_quantity,
+    )
+
+
 class Router:
     """The stage-1 handler."""
 
@@ -62,11 +71,7 @@ class Router:
         for message in messages:
             source = source_of(message)
             try:
-                command = decode_command(
-                    message.value(),
-                    max_bytes=self.settings.max_message_bytes,
-                    max_quantity=self.settings.max_quantity,
-                )
+                command = decode_message(self.settings, message)
             except InvalidOrderError as exc:
                 log.warning("Dead-lettered %s: %s", source, exc.reason)
                 outputs.append(self.dead_letter(message, exc.reason, 1))
