@@ -4,14 +4,21 @@ Every stock change of a product arrives on one partition of the commands topic, 
 partition has one consumer, so each product has a single writer. For a batch:
 
 1. claim each command's id in the ledger (first delivery wins; a later copy is a duplicate);
-2. load the batch's products and plan every outcome (``planner``, pure and deterministic);
+2. take the batch's products and plan every outcome (``planner``, pure and deterministic);
 3. write each product's change as a compare-and-set on the stock and marker it was planned
    from (the marker also lets a replay after a crash recognise what was already written);
-4. finish the ledger records;
+4. record the outcomes in the ledger;
 5. hand the outcome events (and dead letters) to the transaction that also commits offsets;
 6. once committed: refresh the cache and print the seed's lines.
 
 Any crash between steps is repaired by replaying the batch: every step is idempotent.
+
+As the single writer of its partitions' products, the applier keeps the products it wrote
+in memory (:class:`ProductMemory`) instead of reading them for every batch. Memory is only a
+guess: every write is a compare-and-set, so a guess that went stale (someone else wrote the
+product) fails the write, and the batch is planned again from what MongoDB holds. A product
+whose outcomes need no write (every order rejected) is read back before they count. Memory is
+cleared whenever the consumer's partitions change.
 """
 
 from __future__ import annotations
@@ -19,23 +26,103 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from confluent_kafka import Message
-from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
+from pymongo.errors import ConnectionFailure, OperationFailure
 
-from stockflow.cache import ProductCache
+from stockflow.cache import ProductCache, product_version
 from stockflow.config import Settings
-from stockflow.errors import InvalidOrderError, TransientError
-from stockflow.inventory import Inventory
+from stockflow.errors import ConcurrentWriteError, InvalidOrderError, TransientError
+from stockflow.inventory import FEW, Inventory, Product
 from stockflow.ledger import Ledger, to_event
 from stockflow.outcomes import Outcome, dead_letter_headers, source_of
-from stockflow.planner import Decision, Entry, plan_batch
+from stockflow.planner import MARKER, Decision, Entry, Plan, ProductChange, plan_batch
 from stockflow.retry import CircuitBreaker
 from stockflow.router import H_SOURCE, decode_message, decode_source
 from stockflow.txloop import Handled, Output
 
 log = logging.getLogger("stockflow.orders")
+
+PLAN_ATTEMPTS = 3
+"""Plans of one batch before giving up on products that keep changing under the writer."""
+
+
+class ProductMemory:
+    """The products an applier last read or wrote, by product id (see the module's docs)."""
+
+    def __init__(self, limit: int = 200_000) -> None:
+        self._docs: dict[int, Product] = {}
+        self.limit = limit
+        self._warm = False
+
+    def get(self, product_id: int) -> Product | None:
+        return self._docs.get(product_id)
+
+    def products(
+        self, wanted: Iterable[int], inventory: Inventory
+    ) -> tuple[dict[int, Product | None], set[int]]:
+        """The wanted products, from memory or (for the rest) one read of MongoDB; and which
+        of them came from memory."""
+        found: dict[int, Product | None] = {pid: self._docs.get(pid) for pid in wanted}
+        remembered = {pid for pid, doc in found.items() if doc is not None}
+        missing = [pid for pid, doc in found.items() if doc is None]
+        if len(missing) > FEW and not self._warm:
+            # Reading them all costs FerretDB what one `$in` does; later batches then find
+            # their products here (catalogues up to ``limit`` products).
+            self._warm = True
+            for every in inventory.load_all(self.limit) or []:
+                self._docs.setdefault(every["product_id"], every)
+            for pid in missing:
+                found[pid] = self._docs.get(pid)
+            missing = [pid for pid, doc in found.items() if doc is None]
+        if missing:
+            for pid, doc in inventory.load(missing).items():
+                found[pid] = doc
+                if doc is not None:
+                    self._remember(pid, doc)
+        return found, remembered
+
+    def confirm(self, docs: Sequence[Product], inventory: Inventory) -> bool:
+        """Check remembered products against MongoDB; False (and memory fixed) if any changed."""
+        if not docs:
+            return True
+        current = {doc["_id"]: doc for doc in inventory.current(d["_id"] for d in docs)}
+        same = True
+        for doc in docs:
+            fresh = current.get(doc["_id"])
+            pid = doc["product_id"]
+            if fresh is None or fresh.get("product_id") != pid:
+                self._docs.pop(pid, None)
+                same = False
+            elif fresh.get("stock") != doc.get("stock") or product_version(
+                fresh
+            ) != product_version(doc):
+                self._docs[pid] = fresh
+                same = False
+        return same
+
+    def wrote(self, changes: Sequence[ProductChange], before: Mapping[int, Product | None]) -> None:
+        for change in changes:
+            doc = before.get(change.product_id)
+            if doc is not None:
+                self._remember(
+                    change.product_id, {**doc, "stock": change.new_stock, MARKER: change.marker}
+                )
+
+    def forget(self, product_ids: Iterable[int]) -> None:
+        for pid in product_ids:
+            self._docs.pop(pid, None)
+
+    def clear(self) -> None:
+        self._docs.clear()
+        self._warm = False
+
+    def _remember(self, product_id: int, doc: Product) -> None:
+        if len(self._docs) >= self.limit and product_id not in self._docs:
+            self._docs.clear()  # a crude bound: start again rather than grow without limit
+        self._docs[product_id] = doc
+
 
 # Errors a MongoDB-compatible server reports while it is starting, stepping down or busy.
 TRANSIENT_CODES = {6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436}
@@ -54,6 +141,9 @@ class Applier:
         self.ledger = ledger
         self.cache = cache
         self.breaker = CircuitBreaker("MongoDB")
+        self.memory = ProductMemory()
+        self.written: dict[int, Product | None] = {}
+        """The products the last batch wrote, as written (for the cache, once committed)."""
         self.listeners: list[Callable[[Decision], None]] = []
         """Called with each decision once its batch is committed (demo, tests, metrics)."""
 
@@ -91,10 +181,10 @@ class Applier:
                 position = decision.entry.position
                 message = by_position[(position.partition, position.offset)]
                 outputs.append(self.dead_letter(message, decision.reason or "unusable", 1))
-        changed = {d.entry.command.product_id for d in decisions if d.outcome is Outcome.APPLIED}
+        written, self.written = self.written, {}
 
         def after_commit() -> None:
-            self._refresh_cache(changed)
+            self._refresh_cache(written)
             for decision in decisions:
                 _log_decision(decision)
                 for listener in self.listeners:
@@ -106,21 +196,43 @@ class Applier:
         if not entries:
             return []
         owners = self.ledger.claim(entries)
-        products = self.inventory.load(e.command.product_id for e in entries)
-        plan = plan_batch(entries, products, owners)
-        self.inventory.write_changes(plan.changes)
-        self.ledger.finish(plan.decisions, time.time())
-        return plan.decisions
+        wanted = {e.command.product_id for e in entries}
+        for attempt in range(1, PLAN_ATTEMPTS + 1):
+            products, remembered = self.memory.products(wanted, self.inventory)
+            plan = plan_batch(entries, products, owners)
+            unchecked = self._unwritten(plan, products, remembered)
+            if not self.memory.confirm(unchecked, self.inventory):
+                continue  # a product was not as remembered: plan again from the fresh state
+            try:
+                self.inventory.write_changes(plan.changes)
+            except ConcurrentWriteError:
+                self.memory.forget(wanted)
+                if attempt == PLAN_ATTEMPTS:
+                    raise
+                continue
+            self.memory.wrote(plan.changes, products)
+            self.ledger.finish(plan.decisions, time.time())
+            self.written = {c.product_id: self.memory.get(c.product_id) for c in plan.changes}
+            return plan.decisions
+        raise ConcurrentWriteError("products kept changing under this writer")
 
-    def _refresh_cache(self, product_ids: set[int]) -> None:
-        if not product_ids and not self.cache.stale:
-            return
-        try:
-            products = self.inventory.load(product_ids)
-        except PyMongoError as exc:  # the change is durable; the cache can catch up later
-            log.warning("cache refresh skipped: %s", exc)
-            self.cache.stale.update(product_ids)
-            return
+    @staticmethod
+    def _unwritten(
+        plan: Plan, products: Mapping[int, Product | None], remembered: set[int]
+    ) -> list[Product]:
+        """Remembered products whose decisions no compare-and-set will check."""
+        changed = {c.product_id for c in plan.changes}
+        decided = {
+            d.entry.command.product_id for d in plan.decisions if d.outcome is not Outcome.DUPLICATE
+        }
+        unchecked = (decided - changed) & remembered
+        return [doc for pid in unchecked if (doc := products.get(pid)) is not None]
+
+    def on_partitions_changed(self) -> None:
+        """Another consumer may have written these products meanwhile: remember nothing."""
+        self.memory.clear()
+
+    def _refresh_cache(self, products: Mapping[int, Product | None]) -> None:
         self.cache.refresh(p for p in products.values() if p is not None)
 
     def dead_letter(self, message: Message, reason: str, attempts: int) -> Output:

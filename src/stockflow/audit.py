@@ -3,8 +3,9 @@
 1. For every product stockflow has changed: ``baseline + restocks applied - orders applied``
    (counting the changes from the marker's ``since`` offset on) must equal ``stock``; no stock
    may be negative.
-2. Every message of the input topic must have exactly one outcome: the record it claimed,
-   a place in a record's duplicates, or a dead letter; no record may be left pending.
+2. Every message of the input topic must have exactly one outcome: the record of the id it
+   claimed, a place in a claim's duplicates, or a dead letter; no claim may be left without
+   its record (pending).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from stockflow.config import Settings
 from stockflow.dlq import read_dead_letters, read_topic_to_end
-from stockflow.ledger import PENDING
+from stockflow.ledger import claims_name
 from stockflow.outcomes import Outcome, Source
 from stockflow.pipeline import Pipeline
 from stockflow.planner import MARKER
@@ -51,9 +52,7 @@ class AuditReport:
 
 
 def _src(value: Any) -> Source | None:
-    if isinstance(value, list) and len(value) == 3:
-        return Source(str(value[0]), int(value[1]), int(value[2]))
-    return None
+    return Source.parse(value) if isinstance(value, str) else None
 
 
 def run_audit(settings: Settings, pipeline: Pipeline, *, messages: bool = True) -> AuditReport:
@@ -65,26 +64,33 @@ def run_audit(settings: Settings, pipeline: Pipeline, *, messages: bool = True) 
         ("order", settings.orders_collection),
         ("restock", settings.restocks_collection),
     ):
+        recorded: set[Any] = set()
         for record in database[name].find({}):
+            recorded.add(record["_id"])
             ident = f"{kind} {record['_id']!r}"
             status = record.get("status")
             report.outcomes[str(status)] += 1
             source = _src(record.get("source"))
             if source is not None:
                 seen[source].append(f"{ident}: {status}")
-            for dup in record.get("duplicates", []) or []:
-                dup_source = Source.parse(str(dup))
-                if dup_source is not None:
-                    seen[dup_source].append(f"{ident}: duplicate")
-                    report.outcomes[Outcome.DUPLICATE.value] += 1
-            if status == PENDING:
-                report.pending.append(ident)
             position = _src(record.get("position"))
             if status == Outcome.APPLIED.value and position is not None:
                 sign = -1 if kind == "order" else 1
                 deltas[int(record["productId"])].append(
                     (position.partition, position.offset, sign * int(record["quantity"]))
                 )
+        for claim in database[claims_name(name)].find({}):
+            ident = f"{kind} {claim['_id']!r}"
+            if claim["_id"] not in recorded:
+                report.pending.append(ident)
+                source = _src(claim.get("source"))
+                if source is not None:
+                    seen[source].append(f"{ident}: pending")
+            for dup in claim.get("duplicates", []) or []:
+                dup_source = Source.parse(str(dup))
+                if dup_source is not None:
+                    seen[dup_source].append(f"{ident}: duplicate")
+                    report.outcomes[Outcome.DUPLICATE.value] += 1
     _check_products(pipeline, deltas, report)
     if messages:
         for letter in read_dead_letters(settings):

@@ -116,12 +116,26 @@ class ProductCache:
         return True
 
     def refresh(self, products: Iterable[Mapping[str, Any]]) -> None:
-        """Write-through after a change; remembers what could not be refreshed."""
+        """Write-through after a change (one pipelined round trip); remembers what failed."""
         self.retry_stale()
+        pids: list[int] = []
+        pipe = self.client.pipeline(transaction=False)
         for product in products:
             pid = int(product["product_id"])
-            if not self.put(pid, product):
-                self.stale.add(pid)
+            payload = {**public_view(product), VERSION: product_version(product)}
+            self._script(
+                keys=[self.key(pid)],
+                args=[json_util.dumps(payload), payload[VERSION], self.ttl_seconds],
+                client=pipe,
+            )
+            pids.append(pid)
+        if not pids:
+            return
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            self._failed("fill", exc)
+            self.stale.update(pids)
 
     def retry_stale(self) -> None:
         """Delete the entries that could not be refreshed during an outage, if Redis is back."""

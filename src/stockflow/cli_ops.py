@@ -37,8 +37,7 @@ def _show_record(record: dict[str, Any]) -> None:
         if key in record and record[key] is not None:
             table.add_row(key, str(record[key]))
     if record.get("source"):
-        topic, partition, offset = record["source"]
-        table.add_row("source", f"{topic}[{partition}]@{offset}")
+        table.add_row("source", str(record["source"]))
     table.add_row("at", _when(record.get("at")))
     for duplicate in record.get("duplicates") or []:
         table.add_row("duplicate", str(duplicate))

@@ -102,7 +102,10 @@ class Settings(BaseSettings):
         default=64 * 1024, ge=64, description="Largest message accepted."
     )
     batch_size: int = Field(
-        default=500, ge=1, description="Most messages a consumer handles in one transaction."
+        default=5000,
+        ge=1,
+        description="Most messages a consumer handles in one transaction (it takes what has "
+        "arrived, up to this many: small batches when quiet, full ones when busy).",
     )
     transaction_timeout_ms: int = Field(
         default=10_000,
@@ -123,6 +126,12 @@ class Settings(BaseSettings):
     )
     mongodb_timeout_ms: int = Field(
         default=5000, ge=100, description="Server selection timeout of the MongoDB client."
+    )
+    mongodb_concurrency: int = Field(
+        default=4,
+        ge=1,
+        le=8,
+        description="MongoDB commands a worker sends side by side (product writes, lookups).",
     )
     redis_timeout_seconds: float = Field(
         default=1.0, gt=0, description="Socket timeout of Redis calls; a slow cache is a miss."

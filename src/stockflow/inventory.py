@@ -8,6 +8,7 @@ products written by anyone in the plain schema work as they are.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pymongo import ASCENDING, MongoClient, UpdateOne
@@ -25,6 +26,10 @@ DEMO_PRODUCTS: Mapping[int, int] = {101: 100, 102: 50, 103: 25, 104: 10, 105: 0}
 """The demo catalogue: the seed's product 101 with stock 100, and a few more."""
 
 
+FEW = 32
+"""Up to this many products are looked up one by one rather than with one ``$in`` query."""
+
+
 def mongo_client(settings: Settings) -> MongoClient[Product]:
     """A client for the configured server (a real MongoDB or the local FerretDB)."""
     return MongoClient(
@@ -38,12 +43,22 @@ def mongo_client(settings: Settings) -> MongoClient[Product]:
 class Inventory:
     """Product reads and stock changes against one collection."""
 
-    def __init__(self, collection: Collection[Product]) -> None:
+    def __init__(
+        self, collection: Collection[Product], *, pool: ThreadPoolExecutor | None = None
+    ) -> None:
         self.products = collection
+        self.pool = pool
+        """Runs independent commands side by side (None: one after the other)."""
 
     @classmethod
-    def from_settings(cls, settings: Settings, client: MongoClient[Product]) -> Inventory:
-        return cls(client[settings.database][settings.products_collection])
+    def from_settings(
+        cls,
+        settings: Settings,
+        client: MongoClient[Product],
+        *,
+        pool: ThreadPoolExecutor | None = None,
+    ) -> Inventory:
+        return cls(client[settings.database][settings.products_collection], pool=pool)
 
     def ensure_indexes(self) -> None:
         """Index ``product_id`` (unique where the data allows it) so lookups stay cheap."""
@@ -62,9 +77,21 @@ class Inventory:
         return None if product is None else int(product["stock"])
 
     def load(self, product_ids: Iterable[int]) -> dict[int, Product | None]:
-        """The documents of these products (None for a missing one), by product id."""
+        """The documents of these products (None for a missing one), by product id.
+
+        A few are looked up one by one (a filter FerretDB hands to its storage); more in one
+        ``$in`` query (which FerretDB v1 answers by reading the whole collection).
+        """
         wanted = list(dict.fromkeys(product_ids))
         found: dict[int, Product | None] = dict.fromkeys(wanted)
+        if len(wanted) <= FEW:
+
+            def fetch(pid: int) -> Product | None:
+                return self.products.find_one({"product_id": pid})
+
+            results = map(fetch, wanted) if self.pool is None else self.pool.map(fetch, wanted)
+            found.update(zip(wanted, results, strict=True))
+            return found
         for chunk in chunks(wanted, 500):
             for doc in self.products.find({"product_id": {"$in": list(chunk)}}):
                 pid = doc.get("product_id")
@@ -72,17 +99,25 @@ class Inventory:
                     found[pid] = doc
         return found
 
+    def load_all(self, limit: int) -> list[Product] | None:
+        """Every product, if there are at most ``limit`` of them (else None)."""
+        if self.products.estimated_document_count() > limit:
+            return None
+        return [doc for doc in self.products.find({}) if isinstance(doc.get("product_id"), int)]
+
     def write_changes(self, changes: Sequence[ProductChange]) -> None:
         """Compare-and-set each product; ConcurrentWriteError if another writer got there first.
 
         Each change is conditional on the stock and marker the plan was made from, so a second
         writer of the same product (a consumer that lost its partition but has not noticed
-        yet) can never have its change silently overwritten on MongoDB.
+        yet, or anyone writing the plain schema directly) can never have its change silently
+        overwritten. Documents are found by ``_id`` (an index lookup on every server); the
+        update commands, small for FerretDB's sake, run side by side on the writer's pool.
         """
         ops = [
             UpdateOne(
                 {
-                    "product_id": c.product_id,
+                    "_id": c.doc_id,
                     "stock": c.expected_stock,
                     f"{MARKER}.last": c.expected_last
                     if c.expected_last is not None
@@ -92,27 +127,59 @@ class Inventory:
             )
             for c in changes
         ]
-        matched = 0
-        for chunk in chunks(ops):
-            matched += self.products.bulk_write(list(chunk), ordered=False).matched_count
+
+        def write(chunk: Sequence[UpdateOne]) -> int:
+            return self.products.bulk_write(list(chunk), ordered=False).matched_count
+
+        parts = list(chunks(ops))
+        if self.pool is None or len(parts) < 2:
+            matched = sum(write(part) for part in parts)
+        else:
+            matched = sum(self.pool.map(write, parts))
         if matched != len(ops):
             raise ConcurrentWriteError(
                 f"{len(ops) - matched} of {len(ops)} product(s) changed under this writer"
             )
 
+    def current(self, doc_ids: Iterable[Any]) -> list[Product]:
+        """Fetch these products by ``_id`` (index lookups, side by side on the pool)."""
+
+        def fetch(doc_id: Any) -> Product | None:
+            return self.products.find_one({"_id": doc_id})
+
+        ids = list(doc_ids)
+        found = map(fetch, ids) if self.pool is None else self.pool.map(fetch, ids)
+        return [doc for doc in found if doc is not None]
+
     def seed(self, products: Mapping[int, int]) -> None:
         """Create or reset these products to the given stock; other products are untouched.
 
-        A reset also drops stockflow's marker, so audits count from the new stock.
+        A reset also drops stockflow's marker, so audits count from the new stock. Existing
+        products are found with one read and reset by ``_id``; new ones are inserted in bulk.
         """
-        ops = [
-            UpdateOne(
-                {"product_id": pid}, {"$set": {"stock": stock}, "$unset": {MARKER: ""}}, upsert=True
-            )
+        existing = {
+            pid: doc["_id"]
+            for pid, doc in self.load(products).items()
+            if doc is not None and "_id" in doc
+        }
+        resets = [
+            UpdateOne({"_id": existing[pid]}, {"$set": {"stock": stock}, "$unset": {MARKER: ""}})
             for pid, stock in products.items()
+            if pid in existing
         ]
-        for chunk in chunks(ops):
-            self.products.bulk_write(list(chunk))
+        parts = list(chunks(resets))
+        if self.pool is None:
+            for part in parts:
+                self.products.bulk_write(list(part))
+        else:
+            list(self.pool.map(lambda part: self.products.bulk_write(list(part)), parts))
+        new = [
+            {"product_id": pid, "stock": stock}
+            for pid, stock in products.items()
+            if pid not in existing
+        ]
+        for chunk in chunks(new, 1000):
+            self.products.insert_many(list(chunk), ordered=False)
 
     def list_products(self, limit: int = 100) -> list[Product]:
         cursor = self.products.find({}, {"_id": 0}).sort("product_id", ASCENDING).limit(limit)

@@ -1,15 +1,21 @@
 """Outcome records in MongoDB: one document per order (``orders``) and per restock (``restocks``).
 
-A record's ``_id`` is the order's (or restock's) id, so the collection is unique on it on
-MongoDB and FerretDB alike. Claiming an id is an insert: the first delivery to insert wins,
-and every later message with the same id is a duplicate. A record starts ``pending``, is
-finished once the stock change is durable, and lists the input positions of its duplicates.
+Two collections per kind, both keyed by the order's (or restock's) id as ``_id``, so they are
+unique on it on MongoDB and FerretDB alike:
+
+- ``<orders>_claims``: claiming an id is an insert, so the first delivery to insert wins and
+  every later message with the same id is a duplicate (noted on the claim);
+- ``<orders>``: the outcome record, inserted once the stock change is durable.
+
+A claim without an outcome record is *pending*. Both steps are inserts, which FerretDB and
+MongoDB take in bulk; updating each record in place would cost one statement per order.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pymongo import UpdateOne
@@ -23,19 +29,21 @@ from stockflow.planner import Decision, Entry, owner_key
 Doc = dict[str, Any]
 PENDING = "pending"
 CHUNK = 16
-"""Statements per write command. FerretDB v1 holds a pooled connection per statement until the
+"""Statements per update command. FerretDB v1 holds a pooled connection per statement until the
 command ends and deadlocks when the pool (50 by default, 180 as stockflow starts it, 100 with
-SQLite) runs dry across all concurrent commands: keep commands small."""
+SQLite) runs dry across all concurrent commands: keep update commands small."""
+INSERT_CHUNK = 500
+"""Documents per insert command (FerretDB inserts a batch in one statement)."""
+DUPLICATE_KEY = 11000
 
 
-def _src(source: Source) -> list[Any]:
-    return [source.topic, source.partition, source.offset]
+def _src(source: Source) -> str:
+    # ``topic[partition]@offset``: a string costs FerretDB less to store than an array.
+    return str(source)
 
 
 def _from_src(value: Any) -> Source | None:
-    if isinstance(value, list) and len(value) == 3:
-        return Source(str(value[0]), int(value[1]), int(value[2]))
-    return None
+    return Source.parse(value) if isinstance(value, str) else None
 
 
 def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
@@ -43,95 +51,130 @@ def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
         yield items[start : start + size]
 
 
-class Ledger:
-    """The ``orders`` and ``restocks`` collections."""
+def claims_name(records: str) -> str:
+    """The claims collection beside a records collection."""
+    return f"{records}_claims"
 
-    def __init__(self, database: Database[Doc], orders: str, restocks: str) -> None:
-        self.collections: dict[str, Collection[Doc]] = {
+
+def insert_all(
+    collection: Collection[Doc], docs: Sequence[Doc], pool: ThreadPoolExecutor | None = None
+) -> set[Any]:
+    """Insert ``docs`` (in chunks, side by side on ``pool``), skipping any whose ``_id``
+    exists; returns the ids it skipped."""
+
+    def insert(chunk: Sequence[Doc]) -> set[Any]:
+        try:
+            collection.insert_many(chunk, ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(err.get("code") != DUPLICATE_KEY for err in errors):
+                raise
+            return {chunk[err["index"]]["_id"] for err in errors}
+        return set()
+
+    parts = list(chunks(docs, INSERT_CHUNK))
+    results = map(insert, parts) if pool is None or len(parts) < 2 else pool.map(insert, parts)
+    return set().union(*results)
+
+
+class Ledger:
+    """The outcome records and claims of orders and restocks."""
+
+    def __init__(
+        self,
+        database: Database[Doc],
+        orders: str,
+        restocks: str,
+        *,
+        pool: ThreadPoolExecutor | None = None,
+    ) -> None:
+        self.records: dict[str, Collection[Doc]] = {
             "order": database[orders],
             "restock": database[restocks],
         }
+        self.claims: dict[str, Collection[Doc]] = {
+            "order": database[claims_name(orders)],
+            "restock": database[claims_name(restocks)],
+        }
+        self.pool = pool
+
+    def _map(self, fn: Any, items: Iterable[Any]) -> list[Any]:
+        if self.pool is None:
+            return [fn(item) for item in items]
+        return list(self.pool.map(fn, items))
 
     def claim(self, entries: Sequence[Entry]) -> dict[tuple[str, int | str], Source]:
         """Claim each entry's id; returns who owns every id of the batch (a position).
 
-        New ids are inserted as pending records owned by their entry; for ids already
-        claimed the existing owner is returned, which makes a later copy a duplicate.
+        New ids are claimed by their entry; for ids already claimed the existing owner is
+        returned, which makes a later copy a duplicate (or, after a crash, recognises the
+        batch's own earlier claim).
         """
         owners: dict[tuple[str, int | str], Source] = {}
-        for kind, collection in self.collections.items():
-            mine = [e for e in entries if e.command.kind == kind]
-            if not mine:
-                continue
+        for kind, collection in self.claims.items():
             first: dict[int | str, Entry] = {}
-            for entry in mine:
-                first.setdefault(entry.command.id, entry)
-            docs = [self._pending(e) for e in first.values()]
-            taken: set[int | str] = set()
-            for chunk in chunks(docs):
-                try:
-                    collection.insert_many(chunk, ordered=False)
-                except BulkWriteError as exc:
-                    errors = exc.details.get("writeErrors", [])
-                    if any(err.get("code") != 11000 for err in errors):
-                        raise
-                    taken.update(chunk[err["index"]]["_id"] for err in errors)
+            for entry in entries:
+                if entry.command.kind == kind:
+                    first.setdefault(entry.command.id, entry)
+            if not first:
+                continue
+            taken = insert_all(collection, [self._claim(e) for e in first.values()], self.pool)
             for ident, entry in first.items():
                 owners[(kind, ident)] = entry.position
-            if taken:
-                for doc in collection.find({"_id": {"$in": list(taken)}}, {"position": 1}):
-                    position = _from_src(doc.get("position"))
-                    if position is not None:
-                        owners[(kind, doc["_id"])] = position
+            # By _id one at a time: an index lookup each, whatever the collection's size.
+            found = self._map(
+                lambda ident, c=collection: c.find_one({"_id": ident}, {"position": 1}), taken
+            )
+            for doc in found:
+                position = _from_src(doc.get("position")) if doc else None
+                if position is not None:
+                    owners[(kind, doc["_id"])] = position
         return owners
 
     @staticmethod
-    def _pending(entry: Entry) -> Doc:
+    def _claim(entry: Entry) -> Doc:
         command = entry.command
+        return {
+            "_id": command.id,
+            "source": _src(entry.source),
+            "position": _src(entry.position),
+        }
+
+    @staticmethod
+    def _record(decision: Decision, at: float) -> Doc:
+        command = decision.entry.command
         field = "orderId" if command.kind == "order" else "restockId"
         return {
             "_id": command.id,
             field: command.id,
             "productId": command.product_id,
             "quantity": command.quantity,
-            "status": PENDING,
-            "source": _src(entry.source),
-            "position": _src(entry.position),
-            "at": time.time(),
+            "status": decision.outcome.value,
+            "stockAfter": decision.stock_after,
+            **({"reason": decision.reason} if decision.reason else {}),
+            "source": _src(decision.entry.source),
+            "position": _src(decision.entry.position),
+            "at": at,
         }
 
     def finish(self, decisions: Sequence[Decision], at: float) -> None:
-        """Write each owner's final outcome, and note duplicates on the original's record."""
-        for kind, collection in self.collections.items():
-            ops: list[UpdateOne] = []
-            for d in decisions:
-                command = d.entry.command
-                if command.kind != kind:
-                    continue
-                if d.outcome is Outcome.DUPLICATE:
-                    ops.append(
-                        UpdateOne(
-                            {"_id": command.id},
-                            # A string: FerretDB v1 stores no arrays inside arrays.
-                            {"$addToSet": {"duplicates": str(d.entry.source)}},
-                        )
-                    )
-                    continue
-                ops.append(
-                    UpdateOne(
-                        {"_id": command.id, "position": _src(d.entry.position)},
-                        {
-                            "$set": {
-                                "status": d.outcome.value,
-                                "stockAfter": d.stock_after,
-                                "reason": d.reason,
-                                "at": at,
-                            }
-                        },
-                    )
+        """Record each owner's outcome, and note duplicates on the original's claim."""
+        for kind in self.records:
+            mine = [d for d in decisions if d.entry.command.kind == kind]
+            owned = [self._record(d, at) for d in mine if d.outcome is not Outcome.DUPLICATE]
+            # Already there after a crash between this and the Kafka commit: the same record.
+            insert_all(self.records[kind], owned, self.pool)
+            notes = [
+                UpdateOne(
+                    {"_id": d.entry.command.id},
+                    # A string: FerretDB v1 stores no arrays inside arrays.
+                    {"$addToSet": {"duplicates": str(d.entry.source)}},
                 )
-            for chunk in chunks(ops):
-                collection.bulk_write(list(chunk), ordered=False)
+                for d in mine
+                if d.outcome is Outcome.DUPLICATE
+            ]
+            for chunk in chunks(notes):
+                self.claims[kind].bulk_write(list(chunk), ordered=False)
 
     def archive(self, kind: str, ids: Sequence[int | str], *, product_id: int) -> int:
         """Free these ids of ``product_id`` for reuse, keeping their records under a new id.
@@ -139,23 +182,39 @@ class Ledger:
         The demo reuses the seed's order ids; archiving (not deleting) keeps every earlier
         message accounted for in audits.
         """
-        collection = self.collections[kind]
         moved = 0
-        for doc in collection.find({"_id": {"$in": list(ids)}, "productId": product_id}):
-            original = doc["_id"]
-            doc["_id"] = f"{original}@archived-{time.time():.6f}"
-            doc["archived"] = True
-            collection.insert_one(doc)
-            collection.delete_one({"_id": original})
-            moved += 1
+        suffix = f"@archived-{time.time():.6f}"
+        for ident in ids:
+            record = self.records[kind].find_one({"_id": ident})
+            if record is not None and record.get("productId") != product_id:
+                continue
+            for collection, doc in (
+                (self.records[kind], record),
+                (self.claims[kind], self.claims[kind].find_one({"_id": ident})),
+            ):
+                if doc is None:
+                    continue
+                collection.insert_one({**doc, "_id": f"{ident}{suffix}", "archived": True})
+                collection.delete_one({"_id": ident})
+            moved += record is not None
         return moved
 
     def find(self, kind: str, ident: int | str) -> Doc | None:
-        return self.collections[kind].find_one({"_id": ident})
+        """The outcome record (status ``pending`` while only claimed) with its duplicates."""
+        claim = self.claims[kind].find_one({"_id": ident})
+        record = self.records[kind].find_one({"_id": ident})
+        if record is None and claim is None:
+            return None
+        if record is None:
+            assert claim is not None
+            field = "orderId" if kind == "order" else "restockId"
+            record = {**claim, field: ident, "status": PENDING}
+        if claim and claim.get("duplicates"):
+            record["duplicates"] = claim["duplicates"]
+        return record
 
     def ensure_indexes(self) -> None:
-        for collection in self.collections.values():
-            collection.create_index("productId")
+        """Nothing beyond ``_id``: every lookup is by id (and each index slows inserts)."""
 
 
 def to_event(decision: Decision, at: float) -> OutcomeEvent:

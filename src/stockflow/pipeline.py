@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ class Pipeline:
     inventory: Inventory
     cache: ProductCache
     reader: ProductReader
+    pool: ThreadPoolExecutor
+    """Runs MongoDB commands side by side (``mongodb_concurrency`` at a time)."""
 
 
 @contextmanager
@@ -34,8 +37,9 @@ def open_pipeline(settings: Settings, *, check: bool = True) -> Iterator[Pipelin
     """Connect to MongoDB and Redis; with ``check``, fail fast if MongoDB does not answer."""
     mongo = mongo_client(settings)
     cache_client = redis_client(settings)
+    pool = ThreadPoolExecutor(settings.mongodb_concurrency, thread_name_prefix="stockflow-mongo")
     try:
-        inventory = Inventory.from_settings(settings, mongo)
+        inventory = Inventory.from_settings(settings, mongo, pool=pool)
         if check:
             try:
                 mongo.admin.command("ping")
@@ -47,8 +51,9 @@ def open_pipeline(settings: Settings, *, check: bool = True) -> Iterator[Pipelin
                 ) from None
         cache = ProductCache.from_settings(settings, cache_client)
         yield Pipeline(
-            settings, mongo, cache_client, inventory, cache, ProductReader(inventory, cache)
+            settings, mongo, cache_client, inventory, cache, ProductReader(inventory, cache), pool
         )
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         mongo.close()
         cache_client.close()

@@ -56,6 +56,8 @@ class ProductChange:
     """A compare-and-set of one product: from (stock, marker last) to the new stock and marker."""
 
     product_id: int
+    doc_id: Any
+    """The product document's ``_id``: the compare-and-set finds the document by it."""
     expected_stock: Any
     expected_last: int | None
     new_stock: int
@@ -186,6 +188,7 @@ def _plan_product(
     plan.changes.append(
         ProductChange(
             product_id,
+            doc_id=doc.get("_id"),
             expected_stock=doc.get("stock"),
             expected_last=int(marker["last"]) if marker and "last" in marker else None,
             new_stock=running,

@@ -182,6 +182,7 @@ class TransactionalLoop:
             if tp.partition in self.start_offsets:
                 tp.offset = self.start_offsets.pop(tp.partition)
         consumer.assign(partitions)
+        self._partitions_changed()
         log.debug(
             "%s: assigned %s", self.handler.name, [(tp.topic, tp.partition) for tp in partitions]
         )
@@ -191,9 +192,15 @@ class TransactionalLoop:
         # Called inside poll/consume, so no batch of these partitions is being written now;
         # a batch held back by an outage is dropped (the next owner redoes it).
         self._revoked.update((tp.topic, tp.partition) for tp in partitions)
+        self._partitions_changed()
         log.debug(
             "%s: revoked %s", self.handler.name, [(tp.topic, tp.partition) for tp in partitions]
         )
+
+    def _partitions_changed(self) -> None:
+        hook = getattr(self.handler, "on_partitions_changed", None)
+        if hook is not None:
+            hook()
 
     # --- the loop ---
     def run(self, *, idle_timeout: float | None = None) -> LoopStats:
@@ -207,9 +214,7 @@ class TransactionalLoop:
             consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
             self.idle_since = time.monotonic()
             while not self._stop.is_set():
-                messages = [
-                    m for m in consumer.consume(self.settings.batch_size, 0.25) if self._ok(m)
-                ]
+                messages = self._next_batch(consumer)
                 if not messages:
                     if (
                         idle_timeout is not None
@@ -225,6 +230,22 @@ class TransactionalLoop:
             finally:
                 producer.flush(5)
         return self.stats
+
+    def _next_batch(self, consumer: Consumer) -> list[Message]:
+        """Wait (briefly) for one message, then take what else has arrived, up to a batch.
+
+        A quiet stream gets small batches at once (low latency); a busy one gets full batches,
+        since the client fetches the next messages while the last batch is handled.
+        """
+        first = consumer.poll(0.25)
+        if first is None:
+            return []
+        rest = (
+            consumer.consume(self.settings.batch_size - 1, 0)
+            if self.settings.batch_size > 1
+            else []
+        )
+        return [m for m in (first, *rest) if self._ok(m)]
 
     def _watch(self) -> None:
         limit = 3 * self.settings.kafka_timeout_seconds + 10

@@ -72,6 +72,7 @@ class Worker:
             pipeline.mongo[settings.database],
             settings.orders_collection,
             settings.restocks_collection,
+            pool=pipeline.pool,
         )
         ledger.ensure_indexes()
         self.applier = Applier(settings, pipeline.inventory, ledger, pipeline.cache)

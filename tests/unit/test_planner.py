@@ -59,7 +59,7 @@ def test_orders_and_restocks_run_in_offset_order_against_the_document_stock() ->
         "baseline": 5,
         "since": 10,
     }
-    assert result.changes == [ProductChange(1, 5, None, 3, marker)]
+    assert result.changes == [ProductChange(1, None, 5, None, 3, marker)]
 
 
 def test_one_change_per_product_each_from_its_own_stock() -> None:
@@ -91,7 +91,7 @@ def test_an_existing_marker_gives_expected_last_and_carries_baseline_and_since()
         "baseline": 7,
         "since": 0,
     }
-    assert result.changes == [ProductChange(1, 8, 4, 7, marker)]
+    assert result.changes == [ProductChange(1, None, 8, 4, 7, marker)]
 
 
 def test_nothing_applied_writes_only_when_there_is_no_marker_yet() -> None:
@@ -189,7 +189,7 @@ def test_replay_followed_by_new_entries_writes_only_the_new_ones() -> None:
         "baseline": 5,
         "since": 0,
     }
-    assert again.changes == [ProductChange(1, 4, 2, 3, marker)]
+    assert again.changes == [ProductChange(1, None, 4, 2, 3, marker)]
 
 
 def test_replay_after_two_crashes_with_a_growing_batch() -> None:
@@ -241,7 +241,7 @@ def test_a_replay_from_inside_the_written_range_followed_by_new_entries() -> Non
         "baseline": 5,
         "since": 0,
     }
-    assert result.changes == [ProductChange(1, 0, 2, 2, marker)]
+    assert result.changes == [ProductChange(1, None, 0, 2, 2, marker)]
 
 
 def test_a_replay_of_only_new_entries_that_apply_nothing_writes_nothing() -> None:
