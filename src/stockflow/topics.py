@@ -93,3 +93,24 @@ def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
         return offsets
     finally:
         consumer.close()
+
+
+def group_lag(settings: Settings, group: str, topic: str) -> dict[int, int]:
+    """Messages of each partition of ``topic`` that ``group`` has not committed yet.
+
+    On a topic written in transactions the end offset also counts commit markers, so a group
+    that has read everything may still show one there.
+    """
+    ends = end_offsets(settings, topic)
+    consumer = Consumer(settings.kafka_config(**{"group.id": group}))
+    try:
+        committed = consumer.committed(
+            [TopicPartition(topic, pid) for pid in ends], timeout=settings.kafka_timeout_seconds
+        )
+    finally:
+        consumer.close()
+    lag = {}
+    for tp in committed:
+        start = tp.offset if tp.offset >= 0 else 0
+        lag[tp.partition] = max(0, ends[tp.partition] - start)
+    return lag
