@@ -6,9 +6,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv system-deps demo test test-fast chaos lint format up down status clean
+.PHONY: help venv system-deps demo test test-fast chaos bench lint format up down status clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,17 +37,21 @@ chaos: $(STAMP) system-deps ## Chaos scenarios at full size (STOCKFLOW_CHAOS_SCA
 	$(BIN)/stockflow stack up
 	STOCKFLOW_CHAOS_SCALE=$${STOCKFLOW_CHAOS_SCALE:-1} $(BIN)/python -m pytest tests/chaos -m chaos -s $(PYTEST_ARGS)
 
+bench: $(STAMP) system-deps ## The benchmark: seed's design vs stockflow vs ceilings (~15 min); writes bench/results and docs/performance.md
+	$(BIN)/stockflow stack up
+	$(BIN)/python -m bench.run --write-docs $(BENCH_ARGS)
+
 test-fast: $(STAMP) ## Unit tests only (no services)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff and mypy --strict
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
 format: $(STAMP) ## Apply ruff's fixes and formatting
-	$(BIN)/ruff check --fix src tests
-	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench
 
 up: $(STAMP) system-deps ## Start the local stack
 	$(BIN)/stockflow stack up

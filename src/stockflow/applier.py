@@ -8,8 +8,9 @@ partition has one consumer, so each product has a single writer. For a batch:
 3. write each product's change as a compare-and-set on the stock and marker it was planned
    from (the marker also lets a replay after a crash recognise what was already written);
 4. record the outcomes in the ledger;
-5. hand the outcome events (and dead letters) to the transaction that also commits offsets;
-6. once committed: refresh the cache and print the seed's lines.
+5. refresh the cache entries of the products changed (MongoDB holds the change already);
+6. hand the outcome events (and dead letters) to the transaction that also commits offsets;
+7. once committed: print the seed's lines.
 
 Any crash between steps is repaired by replaying the batch: every step is idempotent.
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from confluent_kafka import Message
@@ -142,12 +143,14 @@ class Applier:
         self.cache = cache
         self.breaker = CircuitBreaker("MongoDB")
         self.memory = ProductMemory()
-        self.written: dict[int, Product | None] = {}
-        """The products the last batch wrote, as written (for the cache, once committed)."""
+        self.seconds: defaultdict[str, float] = defaultdict(float)
+        """Seconds spent in each step of handling batches (for benchmarks and metrics)."""
+        self._last_tick = time.perf_counter()
         self.listeners: list[Callable[[Decision], None]] = []
         """Called with each decision once its batch is committed (demo, tests, metrics)."""
 
     def handle(self, messages: Sequence[Message]) -> Handled:
+        self._last_tick = time.perf_counter()
         entries: list[Entry] = []
         outputs: list[Output] = []
         counts: Counter[str] = Counter()
@@ -162,6 +165,7 @@ class Applier:
                 counts[Outcome.DEAD_LETTERED.value] += 1
                 continue
             entries.append(Entry(position, source, command))
+        self._clock("decode")
         try:
             decisions = self._apply(entries)
         except ConnectionFailure as exc:
@@ -181,10 +185,14 @@ class Applier:
                 position = decision.entry.position
                 message = by_position[(position.partition, position.offset)]
                 outputs.append(self.dead_letter(message, decision.reason or "unusable", 1))
-        written, self.written = self.written, {}
+        # Write-through now, before the commit: MongoDB already holds these changes (a replay
+        # only re-derives them), so the cache is right even if the commit fails, and no crash
+        # can fall between publishing an outcome and refreshing the entry it changed.
+        applied = {d.entry.command.product_id for d in decisions if d.outcome is Outcome.APPLIED}
+        self.cache.refresh(doc for pid in applied if (doc := self.memory.get(pid)) is not None)
+        self._clock("refresh cache")
 
         def after_commit() -> None:
-            self._refresh_cache(written)
             for decision in decisions:
                 _log_decision(decision)
                 for listener in self.listeners:
@@ -195,13 +203,19 @@ class Applier:
     def _apply(self, entries: list[Entry]) -> list[Decision]:
         if not entries:
             return []
+        clock = self._clock
         owners = self.ledger.claim(entries)
+        clock("claim ids")
         wanted = {e.command.product_id for e in entries}
         for attempt in range(1, PLAN_ATTEMPTS + 1):
             products, remembered = self.memory.products(wanted, self.inventory)
+            clock("read products")
             plan = plan_batch(entries, products, owners)
+            clock("plan")
             unchecked = self._unwritten(plan, products, remembered)
-            if not self.memory.confirm(unchecked, self.inventory):
+            confirmed = self.memory.confirm(unchecked, self.inventory)
+            clock("read products")
+            if not confirmed:
                 continue  # a product was not as remembered: plan again from the fresh state
             try:
                 self.inventory.write_changes(plan.changes)
@@ -210,11 +224,19 @@ class Applier:
                 if attempt == PLAN_ATTEMPTS:
                     raise
                 continue
+            finally:
+                clock("write products")
             self.memory.wrote(plan.changes, products)
             self.ledger.finish(plan.decisions, time.time())
-            self.written = {c.product_id: self.memory.get(c.product_id) for c in plan.changes}
+            clock("record outcomes")
             return plan.decisions
         raise ConcurrentWriteError("products kept changing under this writer")
+
+    def _clock(self, step: str) -> None:
+        """Add the time since the last call to ``step`` (where the applier's time goes)."""
+        now = time.perf_counter()
+        self.seconds[step] += now - self._last_tick
+        self._last_tick = now
 
     @staticmethod
     def _unwritten(
@@ -231,9 +253,6 @@ class Applier:
     def on_partitions_changed(self) -> None:
         """Another consumer may have written these products meanwhile: remember nothing."""
         self.memory.clear()
-
-    def _refresh_cache(self, products: Mapping[int, Product | None]) -> None:
-        self.cache.refresh(p for p in products.values() if p is not None)
 
     def dead_letter(self, message: Message, reason: str, attempts: int) -> Output:
         headers = dict(message.headers() or [])

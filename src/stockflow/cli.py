@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
@@ -317,6 +318,10 @@ def consume(
             "(exit 75); --no-supervise runs it in this process."
         ),
     ] = True,
+    stats_file: Annotated[
+        Path | None,
+        typer.Option(help="At exit, write what the worker did (counts, seconds per step) as JSON."),
+    ] = None,
 ) -> None:
     """Run a worker: route the topic's orders by product, apply them to stock exactly once.
 
@@ -331,6 +336,7 @@ def consume(
         args += ["--topic", topic] if topic else []
         args += ["--group", group] if group else []
         args += ["--idle-timeout", str(idle_timeout)] if idle_timeout is not None else []
+        args += ["--stats-file", str(stats_file)] if stats_file is not None else []
         raise typer.Exit(_supervise(args))
     roles = ("router", "applier") if role == "both" else (role,)
     if not set(roles) <= {"router", "applier"}:
@@ -353,6 +359,8 @@ def consume(
         )
         stats = worker.run(idle_timeout=idle_timeout)
     err.print(f"[dim]{stats.summary()}[/dim]")
+    if stats_file is not None:
+        stats_file.write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
 
 
 @app.command()

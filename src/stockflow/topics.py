@@ -91,6 +91,8 @@ def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
             )
             offsets[pid] = high
         return offsets
+    except KafkaException as exc:
+        raise TopicError(f"cannot read the end offsets of {topic!r}: {exc}") from None
     finally:
         consumer.close()
 
@@ -107,6 +109,8 @@ def group_lag(settings: Settings, group: str, topic: str) -> dict[int, int]:
         committed = consumer.committed(
             [TopicPartition(topic, pid) for pid in ends], timeout=settings.kafka_timeout_seconds
         )
+    except KafkaException as exc:
+        raise TopicError(f"cannot read group {group!r}'s offsets on {topic!r}: {exc}") from None
     finally:
         consumer.close()
     lag = {}

@@ -30,7 +30,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -52,6 +52,19 @@ def _exit_stuck(what: str) -> None:
     log.critical("%s: exiting (status %d) so that a fresh worker takes over", what, EXIT_STUCK)
     logging.shutdown()
     os._exit(EXIT_STUCK)
+
+
+class _Stopping(Exception):
+    """Raised out of a wait for Kafka when the loop was asked to stop meanwhile."""
+
+
+def _close_quietly(producer: Producer) -> None:
+    # Everything that matters was produced inside committed transactions; a producer that was
+    # fenced or lost its broker has nothing left worth waiting for.
+    try:
+        producer.flush(5)
+    except KafkaException as exc:
+        log.debug("producer flush at close: %s", exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +109,8 @@ class LoopStats:
     batches: int = 0
     rewinds: int = 0
     counts: Counter[str] = field(default_factory=Counter)
+    seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
+    """Time spent handling batches and in Kafka transactions."""
 
 
 def _first_offsets(messages: Sequence[Message]) -> list[TopicPartition]:
@@ -224,11 +239,13 @@ class TransactionalLoop:
                     continue
                 producer = self._run_batch(consumer, producer, messages)
                 self.idle_since = time.monotonic()
+        except _Stopping:
+            pass  # asked to stop while waiting for Kafka: nothing was in flight
         finally:
             try:
                 consumer.close()
             finally:
-                producer.flush(5)
+                _close_quietly(producer)
         return self.stats
 
     def _next_batch(self, consumer: Consumer) -> list[Message]:
@@ -281,17 +298,19 @@ class TransactionalLoop:
                 return producer
             except KafkaException as exc:
                 if self._stop.is_set():
-                    raise
+                    raise _Stopping from exc
                 time.sleep(breaker.failed(exc))
 
     def _run_batch(
         self, consumer: Consumer, producer: Producer, messages: list[Message]
     ) -> Producer:
+        began = time.perf_counter()
         handled = self._handle_with_retries(consumer, messages)
+        self.stats.seconds["handle"] += time.perf_counter() - began
         if handled is None:
             self._rewind(consumer, messages)
             return producer
-        self._txn_since = time.monotonic()
+        txn_started = self._txn_since = time.monotonic()
         try:
             producer.begin_transaction()
             for out in handled.outputs:
@@ -320,6 +339,7 @@ class TransactionalLoop:
             time.sleep(0.5)
             return producer
         finally:
+            self.stats.seconds["transaction"] += time.monotonic() - txn_started
             self._txn_since = None
         self.stats.messages += len(messages)
         self.stats.batches += 1

@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from stockflow.applier import Applier
@@ -39,6 +39,8 @@ class WorkerStats:
 
     router: LoopStats = field(default_factory=LoopStats)
     applier: LoopStats = field(default_factory=LoopStats)
+    applier_steps: dict[str, float] = field(default_factory=dict)
+    """Seconds the applier spent in each step of its batches."""
 
     @property
     def outcomes(self) -> Counter[str]:
@@ -52,6 +54,26 @@ class WorkerStats:
             f"routed {self.router.messages} message(s), applied {self.applier.messages} "
             f"command(s)" + (f": {parts}" if parts else "")
         )
+
+    def as_dict(self) -> dict[str, object]:
+        """Everything above as plain data (``stockflow consume --stats-file``)."""
+
+        def rounded(counter: Mapping[str, float]) -> dict[str, float]:
+            return {k: round(v, 3) for k, v in sorted(counter.items())}
+
+        return {
+            "outcomes": dict(self.outcomes),
+            **{
+                name: {
+                    "messages": loop.messages,
+                    "batches": loop.batches,
+                    "rewinds": loop.rewinds,
+                    "seconds": rounded(loop.seconds),
+                }
+                for name, loop in (("router", self.router), ("applier", self.applier))
+            },
+            "applier_seconds": rounded(self.applier_steps),
+        }
 
 
 class Worker:
@@ -142,6 +164,7 @@ class Worker:
             for thread in threads:
                 thread.join()
             raise
+        self.stats.applier_steps = dict(self.applier.seconds)
         if self.errors:
             raise self.errors[0]
         return self.stats

@@ -24,6 +24,7 @@ from typing import BinaryIO
 
 from stockflow.audit import AuditReport, run_audit
 from stockflow.config import Settings
+from stockflow.errors import StockflowError
 from stockflow.orders import Order, Restock
 from stockflow.pipeline import open_pipeline
 from stockflow.producer import OrderProducer
@@ -242,7 +243,11 @@ def run_chaos(
                 if pool.revive():
                     result.faults.append("a worker exited and was restarted")
                 # Cheap first: has the router committed the whole input topic?
-                if sum(group_lag(s, s.router_group_id, s.topic).values()):
+                try:
+                    behind = sum(group_lag(s, s.router_group_id, s.topic).values())
+                except StockflowError:  # the broker is still coming back
+                    behind = 1
+                if behind:
                     time.sleep(1)
                     continue
                 report = run_audit(s, pipeline, messages=False)

@@ -1,0 +1,128 @@
+"""The benchmark's chart (PNG) and its table in docs/performance.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+START = "<!-- bench:start (written by `make bench`; edit around it) -->"
+END = "<!-- bench:end -->"
+
+
+def chart(results: dict[str, Any], path: Path) -> None:
+    """Orders per second of each contestant, per workload, on a log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(results["workloads"])
+    series = {
+        "baseline (seed's design)": lambda r: r["baseline"]["orders_per_s"],
+        "stockflow": lambda r: r["stockflow"]["orders_per_s"],
+        "ceiling: Kafka consume": lambda r: r["ceilings"]["kafka_consume_orders_per_s"],
+        "ceiling: MongoDB, one $inc per product": lambda r: r["ceilings"][
+            "mongodb_aggregated_orders_per_s"
+        ],
+        "MongoDB, one $inc per order": lambda r: r["ceilings"]["mongodb_per_order_orders_per_s"],
+    }
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    width = 0.8 / len(series)
+    for i, (label, get) in enumerate(series.items()):
+        values = [get(results["workloads"][w]) for w in workloads]
+        xs = [x + i * width for x in range(len(workloads))]
+        bars = ax.bar(xs, values, width, label=label)
+        ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=7, rotation=90,
+                     padding=2)  # fmt: skip
+    ax.set_yscale("log")
+    ax.set_ylabel("orders per second (log scale)")
+    ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(workloads))])
+    ax.set_xticklabels([_workload_label(results["workloads"][w], w) for w in workloads])
+    speedup = results.get("speedup_vs_baseline")
+    ax.set_title(f"stockflow vs the seed's per-message design: {speedup}x on Zipf")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _workload_label(r: dict[str, Any], name: str) -> str:
+    return f"{name}\n{r['orders']:,} orders, {r['products']:,} products"
+
+
+def _n(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def table(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        f"Measured on {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, {m['system']}, "
+        f"Python {m['python']}; services: "
+        + ", ".join(f"{v}" for v in results.get("services", {}).values() if v)
+        + f". Whole run: {results['seconds']} s.",
+        "",
+        "| workload | baseline orders/s | stockflow orders/s | speed-up | Kafka consume/s "
+        "| MongoDB ceiling/s | of slowest ceiling | stockflow CPU s/1000 | servers CPU s/1000 "
+        "| peak RSS MB | audit |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in results["workloads"].items():
+        sf, base, ceil = r["stockflow"], r["baseline"], r["ceilings"]
+        slowest = min(ceil["kafka_consume_orders_per_s"], ceil["mongodb_aggregated_orders_per_s"])
+        servers = sum(sf["servers_cpu_s_per_1000"].values())
+        lines.append(
+            f"| {name} ({r['orders']:,} orders, {r['products']:,} products) "
+            f"| {_n(base['orders_per_s'])} | {_n(sf['orders_per_s'])} "
+            f"| {sf['orders_per_s'] / base['orders_per_s']:.0f}x "
+            f"| {_n(ceil['kafka_consume_orders_per_s'])} "
+            f"| {_n(ceil['mongodb_aggregated_orders_per_s'])} "
+            f"| {sf['orders_per_s'] / slowest:.0%} | {sf['cpu_s_per_1000']:.2f} "
+            f"| {servers:.2f} | {_n(sf['peak_rss_mb'])} | {sf['audit_discrepancies']} |"
+        )
+    lines += [
+        "",
+        "| offered rate | orders | p50 ms | p95 ms | p99 ms | max ms | audit |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for rate, r in results["latency"].items():
+        lines.append(
+            f"| {_n(float(rate))}/s (measured {_n(r['offered_per_s'])}/s) | {r['orders']:,} "
+            f"| {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['max_ms']} "
+            f"| {r['audit_discrepancies']} |"
+        )
+    for sweep, label in (
+        ("batch_size", "batch size"),
+        ("products", "products"),
+        ("stream_length", "orders in the stream"),
+    ):
+        lines += [
+            "",
+            f"| {label} | stockflow orders/s | peak RSS MB | RSS at ¼, ½, ¾, end (MB) | audit |",
+            "|---:|---:|---:|---|---:|",
+        ]
+        for key, r in sorted(results["sweeps"][sweep].items(), key=lambda kv: int(kv[0])):
+            quartiles = ", ".join(f"{v:.0f}" for v in r["rss_quartiles_mb"])
+            lines.append(
+                f"| {int(key):,} | {_n(r['orders_per_s'])} | {_n(r['peak_rss_mb'])} "
+                f"| {quartiles} | {r['audit_discrepancies']} |"
+            )
+    zipf = results["workloads"]["zipf"]["stockflow"]
+    if zipf.get("applier_seconds"):
+        total = sum(zipf["applier_seconds"].values())
+        lines += ["", "Where the applier's time went (Zipf run):", ""]
+        lines += [
+            f"- {step}: {sec:.1f} s ({sec / total:.0%})"
+            for step, sec in sorted(zipf["applier_seconds"].items(), key=lambda kv: -kv[1])
+        ]
+    return "\n".join(lines)
+
+
+def docs_table(results: dict[str, Any], path: Path) -> None:
+    """Replace the figures between the markers in ``path`` (the rest is prose)."""
+    text = path.read_text() if path.exists() else f"# Performance\n\n{START}\n{END}\n"
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    path.write_text(f"{head}{START}\n{table(results)}\n{END}{tail}")

@@ -1,0 +1,440 @@
+"""stockflow's benchmark: the seed's per-message design, stockflow, and the services' ceilings.
+
+Side by side in one run, on the same stack and the same generated workloads (see
+docs/performance.md for the figures and how to read them):
+
+- throughput on pre-loaded topics: 200,000 orders over 10,000 products with Zipf popularity
+  (s = 1.1), the same with uniform popularity, and one hot product; each contestant gets its
+  own copy of the catalogue (every product starts with the same stock);
+- latency at fixed offered rates (1,000/s, 5,000/s and half of stockflow's Zipf maximum): from
+  an order's creation to its outcome being readable on the outcomes topic;
+- how throughput and memory move with batch size, product count and stream length;
+- after every stockflow run, the audit (a fast wrong answer does not count).
+
+The baseline is slow (milliseconds per order), so it runs on the first orders of the same
+topic for a bounded time; its rate is orders per second all the same.
+
+Usage: ``python -m bench.run [--quick] [--out DIR] [--write-docs]`` (``make bench``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import ceilings
+from bench.baseline import run_baseline
+from bench.measure import Sampler, percentile, watch_outcomes
+from bench.workload import Workload, drop, isolated, preload, seed_products
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from stockflow.audit import run_audit
+from stockflow.config import Settings, load_settings
+from stockflow.pipeline import open_pipeline
+from stockflow.producer import OrderProducer
+from stockflow.stack import Stack
+from stockflow.topics import create_topic
+from stockflow.worker import ensure_topics
+
+ROOT = Path(__file__).resolve().parent.parent
+console = Console(stderr=True)
+
+
+# --- contestants ---------------------------------------------------------------------------
+
+
+def worker_env(s: Settings) -> dict[str, str]:
+    return {
+        **os.environ,
+        "STOCKFLOW_TOPIC": s.topic,
+        "STOCKFLOW_DATABASE": s.database,
+        "STOCKFLOW_CACHE_KEY_PREFIX": s.cache_key_prefix,
+        "STOCKFLOW_GROUP_ID": s.group_id,
+        "STOCKFLOW_COMMANDS_PARTITIONS": str(s.commands_partitions),
+        "STOCKFLOW_BATCH_SIZE": str(s.batch_size),
+    }
+
+
+class StockflowProcess:
+    """``stockflow consume`` (one worker, as users run it) with its CPU and memory sampled."""
+
+    def __init__(self, s: Settings, stats_file: Path) -> None:
+        ensure_topics(s)
+        self.stats_file = stats_file
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stockflow", "consume", "--quiet", "--no-supervise",
+             "--stats-file", str(stats_file)],
+            env=worker_env(s),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        self.sampler = Sampler(self.proc.pid)
+
+    def stop(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Stop it (SIGTERM); its resource usage and the timings it wrote at exit."""
+        usage = self.sampler.stop()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, stderr = self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, stderr = self.proc.communicate()
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"stockflow consume failed:\n{stderr.decode()[-2000:]}")
+        stats = json.loads(self.stats_file.read_text()) if self.stats_file.exists() else {}
+        return vars(usage), stats
+
+
+def measure_stockflow(
+    s: Settings, expected: int, progress: Callable[[int], None], tmp: Path
+) -> dict[str, Any]:
+    worker = StockflowProcess(s, tmp / f"{s.group_id}.json")
+    try:
+        watch = watch_outcomes(s, expected, timeout=1800, on_progress=progress)
+    finally:
+        usage, stats = worker.stop()
+    with open_pipeline(s) as pipeline:
+        report = run_audit(s, pipeline)
+    return {
+        "orders_per_s": round(watch.orders_per_s, 1),
+        "outcomes": watch.count,
+        "statuses": watch.statuses,
+        "cpu_s_per_1000": round(usage["cpu_s"] / expected * 1000, 3),
+        "servers_cpu_s_per_1000": {
+            k: round(v / expected * 1000, 3) for k, v in usage["servers_cpu_s"].items()
+        },
+        "peak_rss_mb": round(usage["peak_rss_mb"], 1),
+        "rss_quartiles_mb": _quartiles(usage["rss_samples_mb"]),
+        "audit_discrepancies": report.discrepancies,
+        "audit_messages_checked": report.messages_checked,
+        "applier_seconds": stats.get("applier_seconds", {}),
+    }
+
+
+def _quartiles(samples: list[float]) -> list[float]:
+    """RSS at a quarter, half, three quarters and the end of the run."""
+    if not samples:
+        return []
+    n = len(samples)
+    return [samples[min(n - 1, n * q // 4)] for q in (1, 2, 3, 4)]
+
+
+def measure_baseline(s: Settings, messages: int, seconds: float) -> dict[str, Any]:
+    with open_pipeline(s) as pipeline:
+        products = pipeline.inventory.products
+        sampler = Sampler(os.getpid())
+        run = run_baseline(
+            s, products, pipeline.redis,
+            group_id=f"{s.group_id}-baseline", max_messages=messages, max_seconds=seconds,
+        )  # fmt: skip
+        usage = sampler.stop()
+    return {
+        "orders_per_s": round(run.orders_per_s, 1),
+        "orders_processed": run.processed,
+        "seconds": round(run.last_done - run.first_done, 1),
+        "servers_cpu_s_per_1000": {
+            k: round(v / max(1, run.processed) * 1000, 3) for k, v in usage.servers_cpu_s.items()
+        },
+        "errors": run.errors[:3],
+    }
+
+
+# --- runs ----------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, base: Settings, *, quick: bool, out: Path) -> None:
+        self.base = base
+        self.quick = quick
+        self.out = out
+        self.tmp = out / "tmp"
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.progress = Progress(
+            TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), console=console, transient=False,
+        )  # fmt: skip
+
+    def scale(self, n: int) -> int:
+        return max(500, n // 100) if self.quick else n
+
+    def throughput(self, workload: Workload, *, baseline: bool, ceilings_too: bool,
+                   batch_size: int | None = None) -> dict[str, Any]:  # fmt: skip
+        """Preload the workload once; run each contestant on its own copy of the catalogue."""
+        orders = workload.orders_list(prefix=f"{workload.name}-")
+        label = workload.name + (f"-b{batch_size}" if batch_size else "")
+        topic = isolated(self.base, label)
+        with self.progress:
+            task = self.progress.add_task(f"{label}: preloading", total=len(orders))
+            preload(topic, orders)
+            self.progress.update(task, completed=len(orders))
+        result: dict[str, Any] = {
+            "orders": workload.orders, "products": workload.products,
+            "popularity": workload.popularity,
+        }  # fmt: skip
+        runs: list[Settings] = []
+        try:
+            s = self._contestant(topic, "sf", workload, batch_size)
+            runs.append(s)
+            with self.progress:
+                task = self.progress.add_task(f"{label}: stockflow", total=len(orders))
+                result["stockflow"] = measure_stockflow(
+                    s, len(orders), lambda n: self.progress.advance(task, n), self.tmp
+                )
+            if baseline:
+                s = self._contestant(topic, "seed", workload, batch_size)
+                runs.append(s)
+                console.print(f"{label}: baseline (the seed's design) …")
+                result["baseline"] = measure_baseline(
+                    s, messages=len(orders), seconds=5 if self.quick else 45
+                )
+            if ceilings_too:
+                console.print(f"{label}: ceilings …")
+                result["ceilings"] = {
+                    "kafka_consume_orders_per_s": round(ceilings.kafka_consume(topic, len(orders))),
+                }
+                s = self._contestant(topic, "agg", workload, batch_size)
+                runs.append(s)
+                result["ceilings"]["mongodb_aggregated_orders_per_s"] = round(
+                    ceilings.mongodb_aggregated(s, orders)
+                )
+                s = self._contestant(topic, "per", workload, batch_size)
+                runs.append(s)
+                sample = orders[: self.scale(20_000)]
+                result["ceilings"]["mongodb_per_order_orders_per_s"] = round(
+                    ceilings.mongodb_per_order(s, sample)
+                )
+        finally:
+            for s in runs:
+                drop(s)
+            _delete_topics(topic)
+        self._say(label, result)
+        return result
+
+    def _contestant(self, topic: Settings, who: str, workload: Workload,
+                    batch_size: int | None) -> Settings:  # fmt: skip
+        s = isolated(self.base, who).model_copy(update={"topic": topic.topic})
+        if batch_size:
+            s = s.model_copy(update={"batch_size": batch_size})
+        seed_products(s, workload.products)
+        return s
+
+    def latency(self, rate: float, seconds: float, products: int) -> dict[str, Any]:
+        """Offer ``rate`` orders/s for ``seconds`` to a warm worker; creation → outcome."""
+        s = isolated(self.base, f"lat{int(rate)}")
+        create_topic(s, s.topic, partitions=6)
+        seed_products(s, products)
+        worker = StockflowProcess(s, self.tmp / f"{s.group_id}.json")
+        try:
+            workload = Workload("lat", int(rate * seconds) + 1, products, seed=int(rate))
+            orders = workload.orders_list(prefix=f"lat{int(rate)}-")
+            sent: dict[str, float] = {}
+            with OrderProducer(s) as producer:
+                producer.send(orders[0])  # warm-up: wait for its outcome before timing
+                producer.flush()
+                warm = watch_outcomes(s, 1, timeout=120)
+                if warm.count != 1:
+                    raise RuntimeError("the worker did not answer the warm-up order")
+                results: list[Any] = []
+                reader = threading.Thread(
+                    target=lambda: results.append(
+                        watch_outcomes(s, len(orders), timeout=seconds + 120)
+                    )
+                )
+                reader.start()
+                started = time.perf_counter()
+                for i, order in enumerate(orders[1:], start=1):
+                    due = started + i / rate
+                    delay = due - time.perf_counter()
+                    if delay > 0:
+                        time.sleep(delay)
+                    sent[str(order.order_id)] = time.time()
+                    producer.send(order)
+                offered = (len(orders) - 1) / (time.perf_counter() - started)
+                producer.flush()
+                reader.join()
+            watch = results[0]
+        finally:
+            usage, _ = worker.stop()
+        latencies = [(watch.arrivals[i] - t) * 1000 for i, t in sent.items() if i in watch.arrivals]
+        with open_pipeline(s) as pipeline:
+            report = run_audit(s, pipeline)
+        drop(s)
+        _delete_topics(s)
+        result = {
+            "offered_per_s": round(offered, 1),
+            "orders": len(sent),
+            "with_outcome": len(latencies),
+            "p50_ms": round(percentile(latencies, 50), 1),
+            "p95_ms": round(percentile(latencies, 95), 1),
+            "p99_ms": round(percentile(latencies, 99), 1),
+            "max_ms": round(max(latencies, default=0.0), 1),
+            "peak_rss_mb": round(usage["peak_rss_mb"], 1),
+            "audit_discrepancies": report.discrepancies,
+        }
+        self._say(f"latency at {rate:.0f}/s", result)
+        return result
+
+    def _say(self, label: str, result: dict[str, Any]) -> None:
+        console.print(f"[bold]{label}[/bold]: {json.dumps(result, default=str)}")
+
+
+def _delete_topics(s: Settings) -> None:
+    from stockflow.topics import admin_client
+
+    names = [s.topic, s.commands_topic, s.outcomes_topic, s.dlq_topic]
+    try:
+        for future in admin_client(s).delete_topics(names, operation_timeout=30).values():
+            with contextlib.suppress(Exception):  # a topic the run never created
+                future.result()
+    except Exception as exc:  # deleting is tidying up, never a failed benchmark
+        console.print(f"[yellow]could not delete {names}: {exc}[/yellow]")
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    import psutil
+
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "system": f"{platform.system()} {platform.release()}",
+    }
+
+
+def run(quick: bool, out: Path) -> dict[str, Any]:
+    base = load_settings()
+    Stack(base).up()
+    bench = Bench(base, quick=quick, out=out)
+    n = bench.scale
+    started = time.time()
+    results: dict[str, Any] = {"machine": machine(), "quick": quick, "workloads": {}}
+    results["services"] = {st.name: st.version for st in Stack(base).status()}
+    w = results["workloads"]
+    w["zipf"] = bench.throughput(
+        Workload("zipf", n(200_000), n(10_000)), baseline=True, ceilings_too=True
+    )
+    w["uniform"] = bench.throughput(
+        Workload("uniform", n(200_000), n(10_000), popularity="uniform"),
+        baseline=True, ceilings_too=True,
+    )  # fmt: skip
+    w["hot"] = bench.throughput(
+        Workload("hot", n(200_000), n(10_000), popularity="hot"), baseline=True, ceilings_too=True
+    )
+    zipf_max = w["zipf"]["stockflow"]["orders_per_s"]
+    seconds = 3 if quick else 20
+    rates = [200.0, 400.0] if quick else [1000.0, 5000.0, round(zipf_max / 2)]
+    results["latency"] = {f"{rate:.0f}": bench.latency(rate, seconds, n(10_000)) for rate in rates}
+    sweeps: dict[str, Any] = {"batch_size": {}, "products": {}, "stream_length": {}}
+    batch_sizes = [500, 2000] if not quick else [100]
+    for size in batch_sizes:
+        r = bench.throughput(Workload("zipf", n(100_000), n(10_000)), baseline=False,
+                             ceilings_too=False, batch_size=size)  # fmt: skip
+        sweeps["batch_size"][str(size)] = _brief(r)
+    sweeps["batch_size"][str(base.batch_size)] = _brief(w["zipf"])
+    for products in [100, 100_000] if not quick else [50]:
+        r = bench.throughput(Workload("zipf", n(100_000), products), baseline=False,
+                             ceilings_too=False)  # fmt: skip
+        sweeps["products"][str(products)] = _brief(r)
+    sweeps["products"][str(n(10_000))] = _brief(w["zipf"])
+    for length in [50_000, 100_000] if not quick else [1000]:
+        r = bench.throughput(Workload("zipf", n(length), n(10_000)), baseline=False,
+                             ceilings_too=False)  # fmt: skip
+        sweeps["stream_length"][str(n(length))] = _brief(r)
+    sweeps["stream_length"][str(n(200_000))] = _brief(w["zipf"])
+    results["sweeps"] = sweeps
+    results["seconds"] = round(time.time() - started)
+    results.update(headline(results))
+    return results
+
+
+def _brief(r: dict[str, Any]) -> dict[str, Any]:
+    sf = r["stockflow"]
+    return {
+        "orders_per_s": sf["orders_per_s"],
+        "peak_rss_mb": sf["peak_rss_mb"],
+        "rss_quartiles_mb": sf["rss_quartiles_mb"],
+        "audit_discrepancies": sf["audit_discrepancies"],
+    }
+
+
+def headline(results: dict[str, Any]) -> dict[str, Any]:
+    """The top-level figures, for the Zipf workload."""
+    zipf = results["workloads"]["zipf"]
+    sf, base, ceil = zipf["stockflow"], zipf["baseline"], zipf["ceilings"]
+    slowest = min(ceil["kafka_consume_orders_per_s"], ceil["mongodb_aggregated_orders_per_s"])
+    audits = [r["stockflow"]["audit_discrepancies"] for r in results["workloads"].values()] + [
+        r["audit_discrepancies"] for r in results["latency"].values()
+    ]
+    audits += [b["audit_discrepancies"] for sweep in results["sweeps"].values()
+               for b in sweep.values()]  # fmt: skip
+    lowest_rate = min(results["latency"], key=float)
+    return {
+        "baseline_orders_per_s": base["orders_per_s"],
+        "stockflow_orders_per_s": sf["orders_per_s"],
+        "speedup_vs_baseline": round(sf["orders_per_s"] / base["orders_per_s"], 1)
+        if base["orders_per_s"]
+        else None,
+        "slowest_ceiling_orders_per_s": slowest,
+        "fraction_of_ceiling": round(sf["orders_per_s"] / slowest, 3) if slowest else None,
+        "p99_ms_at_1000_per_s": results["latency"].get("1000", {}).get("p99_ms"),
+        "p99_ms_at_lowest_rate": results["latency"][lowest_rate]["p99_ms"],
+        "audit_discrepancies": sum(audits),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="A tiny run (1/100 of the sizes) to check the benchmark works.",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "bench" / "results",
+        help="Where latest.json and the chart go [default: bench/results].",
+    )
+    parser.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="Also rewrite the figures table in docs/performance.md.",
+    )
+    args = parser.parse_args(argv)  # fmt: skip
+    logging.basicConfig(level=logging.WARNING)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = run(args.quick, args.out)
+    (args.out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    from bench.report import chart, docs_table
+
+    chart(results, args.out / "latest.png")
+    if args.write_docs:
+        docs_table(results, ROOT / "docs" / "performance.md")
+    console.print(f"wrote {args.out / 'latest.json'} and {args.out / 'latest.png'}")
+    console.print(json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)}))
+    return 0 if results["audit_discrepancies"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
