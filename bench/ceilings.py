@@ -38,11 +38,11 @@ def kafka_consume(s: Settings, expected: int, timeout: float = 300) -> float:
         )
     )
     consumer.subscribe([s.topic])
-    count, first, last = 0, 0.0, 0.0
+    count, first, last, count_at_first = 0, 0.0, 0.0, 0
     deadline = time.monotonic() + timeout
     try:
         while count < expected and time.monotonic() < deadline:
-            batch = consumer.consume(10_000, 0.5)
+            batch = consumer.consume(500, 0.5)
             if not batch:
                 continue
             now = time.perf_counter()

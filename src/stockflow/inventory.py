@@ -17,7 +17,7 @@ from pymongo.errors import OperationFailure
 
 from stockflow.config import Settings
 from stockflow.errors import ConcurrentWriteError
-from stockflow.ledger import chunks
+from stockflow.ledger import CHUNK, chunks
 from stockflow.planner import MARKER, ProductChange
 
 Product = dict[str, Any]
@@ -131,7 +131,7 @@ class Inventory:
         def write(chunk: Sequence[UpdateOne]) -> int:
             return self.products.bulk_write(list(chunk), ordered=False).matched_count
 
-        parts = list(chunks(ops))
+        parts = list(chunks(ops, self._chunk_size(len(ops))))
         if self.pool is None or len(parts) < 2:
             matched = sum(write(part) for part in parts)
         else:
@@ -140,6 +140,13 @@ class Inventory:
             raise ConcurrentWriteError(
                 f"{len(ops) - matched} of {len(ops)} product(s) changed under this writer"
             )
+
+    def _chunk_size(self, statements: int) -> int:
+        """Spread a few statements over all the pool's threads; many, in commands of CHUNK."""
+        if self.pool is None:
+            return CHUNK
+        threads = self.pool._max_workers
+        return max(1, min(CHUNK, -(-statements // threads)))
 
     def current(self, doc_ids: Iterable[Any]) -> list[Product]:
         """Fetch these products by ``_id`` (index lookups, side by side on the pool)."""

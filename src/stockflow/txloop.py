@@ -178,6 +178,11 @@ class TransactionalLoop:
                 "enable.idempotence": True,
                 "acks": "all",
                 "linger.ms": 5,
+                # The coordinator finishes a commit in the background; the next transaction's
+                # first requests are refused until it has (CONCURRENT_TRANSACTIONS). Retry
+                # those quickly: the default backoff (100 ms, growing) doubles the latency.
+                "retry.backoff.ms": 5,
+                "retry.backoff.max.ms": 100,
                 "compression.type": "lz4",
             }
         )

@@ -1,0 +1,1 @@
+"""stockflow's benchmark (see run.py and docs/performance.md)."""

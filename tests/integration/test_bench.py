@@ -1,0 +1,43 @@
+"""The benchmark keeps working: a tiny run end to end (figures are not judged here)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stockflow.config import Settings
+
+pytestmark = pytest.mark.timeout(600)
+
+TOP_LEVEL = {
+    "baseline_orders_per_s",
+    "stockflow_orders_per_s",
+    "speedup_vs_baseline",
+    "slowest_ceiling_orders_per_s",
+    "fraction_of_ceiling",
+    "p99_ms_at_1000_per_s",
+    "audit_discrepancies",
+}
+
+
+def test_quick_benchmark_runs_every_contestant_and_audits(
+    stack_settings: Settings, tmp_path: Path
+) -> None:
+    from bench.run import main
+
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "latest.json").read_text())
+    assert set(results) >= TOP_LEVEL
+    assert results["audit_discrepancies"] == 0
+    for name, workload in results["workloads"].items():
+        sf = workload["stockflow"]
+        assert sf["outcomes"] == workload["orders"], name
+        assert sf["statuses"] == {"applied": workload["orders"]}, name
+        assert sf["audit_messages_checked"] == workload["orders"], name
+        assert workload["baseline"]["orders_processed"] > 0, name
+        assert workload["ceilings"]["mongodb_aggregated_orders_per_s"] > 0, name
+    for latency in results["latency"].values():
+        assert latency["with_outcome"] == latency["orders"]
+    assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
