@@ -20,7 +20,6 @@ Usage: ``python -m bench.run [--quick] [--out DIR] [--write-docs]`` (``make benc
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -34,19 +33,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 from bench import ceilings
 from bench.baseline import run_baseline
 from bench.measure import Sampler, percentile, watch_outcomes
 from bench.workload import Workload, drop, isolated, preload, seed_products
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 from stockflow.audit import run_audit
 from stockflow.config import Settings, load_settings
 from stockflow.pipeline import open_pipeline
 from stockflow.producer import OrderProducer
 from stockflow.stack import Stack
-from stockflow.topics import create_topic
+from stockflow.topics import create_topic, delete_topics
 from stockflow.worker import ensure_topics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -295,13 +294,9 @@ class Bench:
 
 
 def _delete_topics(s: Settings) -> None:
-    from stockflow.topics import admin_client
-
     names = [s.topic, s.commands_topic, s.outcomes_topic, s.dlq_topic]
     try:
-        for future in admin_client(s).delete_topics(names, operation_timeout=30).values():
-            with contextlib.suppress(Exception):  # a topic the run never created
-                future.result()
+        delete_topics(s, names)
     except Exception as exc:  # deleting is tidying up, never a failed benchmark
         console.print(f"[yellow]could not delete {names}: {exc}[/yellow]")
 

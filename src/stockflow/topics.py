@@ -118,3 +118,17 @@ def group_lag(settings: Settings, group: str, topic: str) -> dict[int, int]:
         start = tp.offset if tp.offset >= 0 else 0
         lag[tp.partition] = max(0, ends[tp.partition] - start)
     return lag
+
+
+def delete_topics(settings: Settings, names: list[str]) -> None:
+    """Delete these topics (those that exist); TopicError if Kafka refuses."""
+    if not names:
+        return
+    admin = admin_client(settings)  # kept alive until the futures are done
+    futures = admin.delete_topics(names, operation_timeout=settings.kafka_timeout_seconds)
+    for name, future in futures.items():
+        try:
+            future.result()
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise TopicError(f"cannot delete topic {name!r}: {exc.args[0].str()}") from None

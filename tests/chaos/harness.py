@@ -28,7 +28,7 @@ from stockflow.errors import StockflowError
 from stockflow.orders import Order, Restock
 from stockflow.pipeline import open_pipeline
 from stockflow.producer import OrderProducer
-from stockflow.topics import create_topic, group_lag
+from stockflow.topics import create_topic, delete_topics, group_lag
 
 
 def bad_message(rng: random.Random) -> bytes:
@@ -176,7 +176,9 @@ def produce_stream(
     """Produce orders (no key: any partition) with restocks and junk mixed in, at ``rate``/s."""
     restocks = malformed = 0
     started = time.monotonic()
-    with OrderProducer(s, **{"linger.ms": 20, "message.max.bytes": 200_000}) as producer:
+    # Generous delivery timeout: the broker-restart scenario keeps producing while it is down.
+    config = {"linger.ms": 20, "message.max.bytes": 200_000, "message.timeout.ms": 300_000}
+    with OrderProducer(s, **config) as producer:
         for i in range(orders):
             pid = rng.randint(1, products)
             producer.send_raw(Order(f"o{i}", pid, rng.randint(1, 3)).encode())
@@ -265,9 +267,20 @@ def run_chaos(
                     result.stale_cache += 1
     finally:
         pool.stop()
+        _tidy(s)
     result.seconds = time.monotonic() - started
     (log_dir / f"{name}.json").write_text(json.dumps({"line": result.line()}))
     return result
+
+
+def _tidy(s: Settings) -> None:
+    """Drop the run's database and topics (the verdict and worker logs stay in log_dir)."""
+    try:
+        delete_topics(s, [s.topic, s.commands_topic, s.dlq_topic, s.outcomes_topic])
+        with open_pipeline(s, check=False) as pipeline:
+            pipeline.mongo.drop_database(s.database)
+    except Exception as exc:  # tidying up never decides a scenario
+        print(f"could not tidy up after {s.topic}: {exc}")
 
 
 def _dead_letters(s: Settings) -> int:

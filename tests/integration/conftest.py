@@ -20,7 +20,7 @@ from stockflow.outcomes import OutcomeEvent, decode_event
 from stockflow.pipeline import Pipeline, open_pipeline
 from stockflow.planner import Decision
 from stockflow.stack import Stack
-from stockflow.topics import create_topic
+from stockflow.topics import create_topic, delete_topics
 from stockflow.worker import Worker
 
 
@@ -49,6 +49,8 @@ def isolated(stack_settings: Settings, partitions: int = 1) -> Settings:
 
 
 def cleanup(s: Settings) -> None:
+    """Drop the test's database, cache entries and topics (a lean broker restarts fast)."""
+    delete_topics(s, [s.topic, s.commands_topic, s.dlq_topic, s.outcomes_topic])
     with open_pipeline(s, check=False) as pipeline:
         pipeline.mongo.drop_database(s.database)
         keys = list(pipeline.redis.scan_iter(match=f"{s.cache_key_prefix}*"))
