@@ -27,6 +27,7 @@ import platform
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -147,6 +148,7 @@ def measure_baseline(s: Settings, messages: int, seconds: float) -> dict[str, An
         "orders_per_s": round(run.orders_per_s, 1),
         "orders_processed": run.processed,
         "seconds": round(run.last_done - run.first_done, 1),
+        "cpu_s_per_1000": round(usage.cpu_s / max(1, run.processed) * 1000, 3),
         "servers_cpu_s_per_1000": {
             k: round(v / max(1, run.processed) * 1000, 3) for k, v in usage.servers_cpu_s.items()
         },
@@ -162,8 +164,8 @@ class Bench:
         self.base = base
         self.quick = quick
         self.out = out
-        self.tmp = out / "tmp"
-        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix="stockflow-bench-"))
+        """Workers' --stats-file outputs."""
         self.progress = Progress(
             TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), console=console, transient=False,

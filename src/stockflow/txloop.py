@@ -167,6 +167,10 @@ class TransactionalLoop:
                 "heartbeat.interval.ms": 1_000,
                 "max.poll.interval.ms": 300_000,
                 "fetch.wait.max.ms": 100,
+                # Bound the pre-fetch queue (by default up to 100,000 messages per partition),
+                # so memory does not grow with the backlog: a batch or two ahead is plenty.
+                "queued.min.messages": max(1000, settings.batch_size),
+                "queued.max.messages.kbytes": 16384,
                 **(consumer_config or {}),
             }
         )

@@ -143,6 +143,32 @@ def test_a_replayed_batch_is_not_applied_twice(settings: Settings, pipeline: Pip
     assert (ledger.find("order", 9) or {}).get("status") == "applied"
 
 
+def test_remembered_products_never_outvote_mongodb(settings: Settings, pipeline: Pipeline) -> None:
+    """The applier plans from memory; a product changed behind its back is re-read, both when
+    the plan writes it (the compare-and-set fails) and when it does not (it is read back)."""
+    pipeline.inventory.seed({101: 10})
+    applier = Applier(settings, pipeline.inventory, ledger_of(settings, pipeline), pipeline.cache)
+
+    def order(offset: int, quantity: int) -> Entry:
+        return Entry(
+            Source("cmds", 0, offset),
+            Source(settings.topic, 0, offset),
+            Order(order_id=f"m{offset}", product_id=101, quantity=quantity),
+        )
+
+    [first] = applier._apply([order(1, 4)])
+    assert (first.outcome, first.stock_after) == (Outcome.APPLIED, 6)  # memory now says 6
+
+    pipeline.inventory.seed({101: 2})  # someone resets the stock directly
+    [second] = applier._apply([order(2, 5)])  # from memory: apply; from MongoDB: too few
+    assert (second.outcome, second.stock_after) == (Outcome.INSUFFICIENT_STOCK, 2)
+
+    pipeline.inventory.seed({101: 50})  # memory says 2 (a rejection writes nothing)
+    [third] = applier._apply([order(3, 5)])
+    assert (third.outcome, third.stock_after) == (Outcome.APPLIED, 45)
+    assert pipeline.inventory.stock_of(101) == 45
+
+
 def test_a_second_writer_is_detected_not_overwritten(
     settings: Settings, pipeline: Pipeline
 ) -> None:
