@@ -26,7 +26,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
         ],
         "MongoDB, one $inc per order": lambda r: r["ceilings"]["mongodb_per_order_orders_per_s"],
     }
-    fig, ax = plt.subplots(figsize=(10, 5.5))
+    fig, ax = plt.subplots(figsize=(12, 5.5))
     width = 0.8 / len(series)
     for i, (label, get) in enumerate(series.items()):
         values = [get(results["workloads"][w]) for w in workloads]
@@ -40,7 +40,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
     ax.set_xticklabels([_workload_label(results["workloads"][w], w) for w in workloads])
     speedup = results.get("speedup_vs_baseline")
     ax.set_title(f"stockflow vs the seed's per-message design: {speedup}x on Zipf")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
