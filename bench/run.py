@@ -60,15 +60,7 @@ console = Console(stderr=True)
 
 
 def worker_env(s: Settings) -> dict[str, str]:
-    return {
-        **os.environ,
-        "STOCKFLOW_TOPIC": s.topic,
-        "STOCKFLOW_DATABASE": s.database,
-        "STOCKFLOW_CACHE_KEY_PREFIX": s.cache_key_prefix,
-        "STOCKFLOW_GROUP_ID": s.group_id,
-        "STOCKFLOW_COMMANDS_PARTITIONS": str(s.commands_partitions),
-        "STOCKFLOW_BATCH_SIZE": str(s.batch_size),
-    }
+    return {**os.environ, **s.worker_environment()}
 
 
 class StockflowProcess:

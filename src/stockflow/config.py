@@ -210,6 +210,18 @@ class Settings(BaseSettings):
             return self.redis_url.get_secret_value()
         return f"redis://{LOOPBACK}:{self.redis_port}/0"
 
+    def worker_environment(self) -> dict[str, str]:
+        """The environment that makes a ``stockflow`` child process work on the same pipeline
+        (topic, database, group, cache prefix, partitions, batch size) as these settings."""
+        return {
+            "STOCKFLOW_TOPIC": self.topic,
+            "STOCKFLOW_DATABASE": self.database,
+            "STOCKFLOW_CACHE_KEY_PREFIX": self.cache_key_prefix,
+            "STOCKFLOW_GROUP_ID": self.group_id,
+            "STOCKFLOW_COMMANDS_PARTITIONS": str(self.commands_partitions),
+            "STOCKFLOW_BATCH_SIZE": str(self.batch_size),
+        }
+
     def kafka_config(self, **extra: Any) -> dict[str, Any]:
         """librdkafka configuration shared by every client, with ``extra`` on top."""
         return {"bootstrap.servers": self.kafka_bootstrap, "client.id": "stockflow", **extra}

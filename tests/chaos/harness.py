@@ -100,11 +100,7 @@ def chaos_settings(base: Settings, *, partitions: int = 3) -> Settings:
 def worker_env(s: Settings) -> dict[str, str]:
     return {
         **os.environ,
-        "STOCKFLOW_TOPIC": s.topic,
-        "STOCKFLOW_DATABASE": s.database,
-        "STOCKFLOW_CACHE_KEY_PREFIX": s.cache_key_prefix,
-        "STOCKFLOW_GROUP_ID": s.group_id,
-        "STOCKFLOW_COMMANDS_PARTITIONS": str(s.commands_partitions),
+        **s.worker_environment(),
         "STOCKFLOW_MONGODB_TIMEOUT_MS": "2000",
         "STOCKFLOW_KAFKA_TIMEOUT_SECONDS": "10",
     }
