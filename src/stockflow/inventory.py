@@ -17,7 +17,7 @@ from pymongo.errors import OperationFailure
 
 from stockflow.config import Settings
 from stockflow.errors import ConcurrentWriteError
-from stockflow.ledger import CHUNK, chunks
+from stockflow.ledger import CHUNK, chunks, side_by_side
 from stockflow.planner import MARKER, ProductChange
 
 Product = dict[str, Any]
@@ -89,8 +89,7 @@ class Inventory:
             def fetch(pid: int) -> Product | None:
                 return self.products.find_one({"product_id": pid})
 
-            results = map(fetch, wanted) if self.pool is None else self.pool.map(fetch, wanted)
-            found.update(zip(wanted, results, strict=True))
+            found.update(zip(wanted, side_by_side(self.pool, fetch, wanted), strict=True))
             return found
         for chunk in chunks(wanted, 500):
             for doc in self.products.find({"product_id": {"$in": list(chunk)}}):
@@ -131,11 +130,7 @@ class Inventory:
         def write(chunk: Sequence[UpdateOne]) -> int:
             return self.products.bulk_write(list(chunk), ordered=False).matched_count
 
-        parts = list(chunks(ops, self._chunk_size(len(ops))))
-        if self.pool is None or len(parts) < 2:
-            matched = sum(write(part) for part in parts)
-        else:
-            matched = sum(self.pool.map(write, parts))
+        matched = sum(side_by_side(self.pool, write, chunks(ops, self._chunk_size(len(ops)))))
         if matched != len(ops):
             raise ConcurrentWriteError(
                 f"{len(ops) - matched} of {len(ops)} product(s) changed under this writer"
@@ -154,9 +149,7 @@ class Inventory:
         def fetch(doc_id: Any) -> Product | None:
             return self.products.find_one({"_id": doc_id})
 
-        ids = list(doc_ids)
-        found = map(fetch, ids) if self.pool is None else self.pool.map(fetch, ids)
-        return [doc for doc in found if doc is not None]
+        return [doc for doc in side_by_side(self.pool, fetch, doc_ids) if doc is not None]
 
     def seed(self, products: Mapping[int, int]) -> None:
         """Create or reset these products to the given stock; other products are untouched.
@@ -174,12 +167,7 @@ class Inventory:
             for pid, stock in products.items()
             if pid in existing
         ]
-        parts = list(chunks(resets))
-        if self.pool is None:
-            for part in parts:
-                self.products.bulk_write(list(part))
-        else:
-            list(self.pool.map(lambda part: self.products.bulk_write(list(part)), parts))
+        side_by_side(self.pool, lambda part: self.products.bulk_write(list(part)), chunks(resets))
         new = [
             {"product_id": pid, "stock": stock}
             for pid, stock in products.items()

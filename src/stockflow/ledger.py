@@ -14,9 +14,9 @@ MongoDB take in bulk; updating each record in place would cost one statement per
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from pymongo import UpdateOne
 from pymongo.collection import Collection
@@ -27,6 +27,8 @@ from stockflow.outcomes import Outcome, OutcomeEvent, Source
 from stockflow.planner import Decision, Entry, owner_key
 
 Doc = dict[str, Any]
+T = TypeVar("T")
+R = TypeVar("R")
 PENDING = "pending"
 CHUNK = 16
 """Statements per update command. FerretDB v1 holds a pooled connection per statement until the
@@ -51,6 +53,16 @@ def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
         yield items[start : start + size]
 
 
+def side_by_side(
+    pool: ThreadPoolExecutor | None, fn: Callable[[T], R], items: Iterable[T]
+) -> list[R]:
+    """``fn`` over ``items``, on ``pool`` when there is one and more than one item."""
+    todo = list(items)
+    if pool is None or len(todo) < 2:
+        return [fn(item) for item in todo]
+    return list(pool.map(fn, todo))
+
+
 def claims_name(records: str) -> str:
     """The claims collection beside a records collection."""
     return f"{records}_claims"
@@ -72,9 +84,7 @@ def insert_all(
             return {chunk[err["index"]]["_id"] for err in errors}
         return set()
 
-    parts = list(chunks(docs, INSERT_CHUNK))
-    results = map(insert, parts) if pool is None or len(parts) < 2 else pool.map(insert, parts)
-    return set().union(*results)
+    return set().union(*side_by_side(pool, insert, chunks(docs, INSERT_CHUNK)))
 
 
 class Ledger:
@@ -98,11 +108,6 @@ class Ledger:
         }
         self.pool = pool
 
-    def _map(self, fn: Any, items: Iterable[Any]) -> list[Any]:
-        if self.pool is None:
-            return [fn(item) for item in items]
-        return list(self.pool.map(fn, items))
-
     def claim(self, entries: Sequence[Entry]) -> dict[tuple[str, int | str], Source]:
         """Claim each entry's id; returns who owns every id of the batch (a position).
 
@@ -121,12 +126,16 @@ class Ledger:
             taken = insert_all(collection, [self._claim(e) for e in first.values()], self.pool)
             for ident, entry in first.items():
                 owners[(kind, ident)] = entry.position
+
             # By _id one at a time: an index lookup each, whatever the collection's size.
-            found = self._map(
-                lambda ident, c=collection: c.find_one({"_id": ident}, {"position": 1}), taken
-            )
+            def owner_of(ident: Any, c: Collection[Doc] = collection) -> Doc | None:
+                return c.find_one({"_id": ident}, {"position": 1})
+
+            found = side_by_side(self.pool, owner_of, taken)
             for doc in found:
-                position = _from_src(doc.get("position")) if doc else None
+                if doc is None:
+                    continue
+                position = _from_src(doc.get("position"))
                 if position is not None:
                     owners[(kind, doc["_id"])] = position
         return owners
