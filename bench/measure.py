@@ -141,7 +141,12 @@ def watch_outcomes(
     deadline = time.monotonic() + timeout
     try:
         while watch.count < expected and time.monotonic() < deadline:
-            messages = consumer.consume(10_000, 0.1)
+            # consume(n, timeout) waits for n messages or the timeout, which would add up to
+            # the timeout to every arrival time: wait for one message, then take the rest.
+            first = consumer.poll(0.1)
+            if first is None:
+                continue
+            messages = [first, *consumer.consume(10_000, 0)]
             now = time.time()
             got = 0
             for message in messages:

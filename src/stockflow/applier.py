@@ -35,7 +35,7 @@ from pymongo.errors import ConnectionFailure, OperationFailure
 from stockflow.cache import ProductCache, product_version
 from stockflow.config import Settings
 from stockflow.errors import ConcurrentWriteError, InvalidOrderError, TransientError
-from stockflow.inventory import FEW, Inventory, Product
+from stockflow.inventory import Inventory, Product
 from stockflow.ledger import Ledger, to_event
 from stockflow.outcomes import Outcome, dead_letter_headers, source_of
 from stockflow.planner import MARKER, Decision, Entry, Plan, ProductChange, plan_batch
@@ -68,9 +68,10 @@ class ProductMemory:
         found: dict[int, Product | None] = {pid: self._docs.get(pid) for pid in wanted}
         remembered = {pid for pid, doc in found.items() if doc is not None}
         missing = [pid for pid, doc in found.items() if doc is None]
-        if len(missing) > FEW and not self._warm:
-            # Reading them all costs FerretDB what one `$in` does; later batches then find
-            # their products here (catalogues up to ``limit`` products).
+        if missing and not self._warm:
+            # The first batch after the partitions changed reads the whole catalogue (up to
+            # ``limit`` products; it costs FerretDB what one `$in` does), so that later,
+            # busier batches find their products here instead of stalling on the read.
             self._warm = True
             for every in inventory.load_all(self.limit) or []:
                 self._docs.setdefault(every["product_id"], every)

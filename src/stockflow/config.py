@@ -158,6 +158,15 @@ class Settings(BaseSettings):
     postgres_port: int = Field(
         default=35432, description="Local PostgreSQL port (postgresql backend only)."
     )
+    postgres_synchronous_commit: Literal["on", "off"] = Field(
+        default="off",
+        description=(
+            "Local PostgreSQL's synchronous_commit. off (the default) flushes its log every "
+            "100 ms, as a standalone mongod flushes its journal: a crash of PostgreSQL itself "
+            "(or of the machine) can lose the last ~100 ms of acknowledged writes. on waits "
+            "for the disk at every write, several times slower on small batches."
+        ),
+    )
     redis_port: int = Field(default=36379, description="Local redis-server port.")
     stack_start_timeout_seconds: float = Field(
         default=120.0, gt=0, description="How long `stack up` waits for a service to answer."

@@ -5,13 +5,20 @@ at release time), so stockflow builds a few lines of its own around FerretDB's e
 package (``assets/ferretdb/main.go``) into ``<cache>/ferretdb-<version>/ferretdb``.
 Storage is SQLite under the state folder, or the local PostgreSQL (see ``postgres.py``).
 
-The build carries one small patch (:data:`PATCHES`, applied to a copy of the module's source
-and wired in with a ``replace`` directive). FerretDB v1 pushes a filter on ``_id`` down to
-PostgreSQL as JSON containment (``_jsonb->'_id' @> $1``), which the btree index FerretDB itself
-creates on ``_id`` cannot serve: every lookup or update by ``_id`` scanned the whole table
-(6 ms per statement at 20,000 documents, growing with the collection). ``_id`` is never an
-array, so containment is plain equality there; the patch says ``=`` for ``_id`` and the index
-is used (0.7 ms, flat). Results are unchanged: FerretDB filters every fetched document again.
+The build carries three small patches (:data:`PATCHES`, applied to a copy of the module's
+source and wired in with a ``replace`` directive), none of which changes a result:
+
+- FerretDB v1 pushes a filter on ``_id`` down to PostgreSQL as JSON containment
+  (``_jsonb->'_id' @> $1``), which the btree index FerretDB itself creates on ``_id`` cannot
+  serve: every lookup or update by ``_id`` scanned the whole table (6 ms per statement at
+  20,000 documents, growing with the collection). ``_id`` is never an array, so containment is
+  plain equality there; the patch says ``=`` for ``_id`` and the index is used (0.7 ms, flat).
+  FerretDB filters every fetched document again anyway.
+- An update that changes one document runs its one ``UPDATE`` statement on its own instead of
+  between ``BEGIN`` and ``COMMIT`` (one statement is atomic): two round trips fewer per
+  document, a quarter of FerretDB's CPU for an update.
+- Leak tracking of cursors and iterators (a stack trace recorded for each, a panic of the whole
+  server for one not closed) is off: it took a tenth of the server's CPU under load.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from stockflow.stack.service import Reporter, Service, require_tool
 
 MODULE = "github.com/FerretDB/FerretDB"
 
-BUILD_TAG = "stockflow1"
+BUILD_TAG = "stockflow2"
 """Names the patch level in the cache folder, so a changed patch means a fresh build."""
 
 
@@ -54,6 +61,58 @@ _FILTER_EQUAL_END = """\
 }
 """
 
+_UPDATE_ALL_LOOP = """\
+	err = pool.InTransaction(ctx, p, func(tx pgx.Tx) error {
+		for _, doc := range params.Docs {
+			var b []byte
+			if b, err = sjson.Marshal(doc); err != nil {
+				return lazyerrors.Error(err)
+			}
+"""
+
+_UPDATE_ONE = """\
+	// stockflow: one UPDATE statement is atomic on its own; BEGIN and COMMIT around it cost
+	// two more round trips to PostgreSQL for every document an update command changes.
+	if len(params.Docs) == 1 {
+		doc := params.Docs[0]
+
+		b, err := sjson.Marshal(doc)
+		if err != nil {
+			return nil, lazyerrors.Error(err)
+		}
+
+		id, _ := doc.Get("_id")
+		must.NotBeZero(id)
+
+		tag, err := p.Exec(ctx, q, b, must.NotFail(sjson.MarshalSingleValue(id)))
+		if err != nil {
+			return nil, lazyerrors.Error(err)
+		}
+
+		res.Updated = int32(tag.RowsAffected())
+
+		return &res, nil
+	}
+
+"""
+
+_TRACK_START = """\
+func Track(obj any, token *Token) {
+	checkArgs(obj, token)
+"""
+
+_UNTRACK_START = """\
+func Untrack(obj any, token *Token) {
+	checkArgs(obj, token)
+"""
+
+_RETURN = """\
+
+	// stockflow: leak tracking records a stack trace for every cursor and iterator (a tenth
+	// of the server's CPU under load) and panics the whole server if one is not closed.
+	return
+"""
+
 PATCHES = (
     Patch(
         "internal/backends/postgresql/query.go",
@@ -69,6 +128,13 @@ PATCHES = (
 }
 """,
     ),
+    Patch(
+        "internal/backends/postgresql/collection.go",
+        _UPDATE_ALL_LOOP,
+        _UPDATE_ONE + _UPDATE_ALL_LOOP,
+    ),
+    Patch("internal/util/resource/resource.go", _TRACK_START, _TRACK_START + _RETURN),
+    Patch("internal/util/resource/resource.go", _UNTRACK_START, _UNTRACK_START + _RETURN),
 )
 
 
