@@ -107,6 +107,14 @@ class Settings(BaseSettings):
         description="Most messages a consumer handles in one transaction (it takes what has "
         "arrived, up to this many: small batches when quiet, full ones when busy).",
     )
+    router_hold_ms: int = Field(
+        default=50,
+        ge=0,
+        description="In a worker running both stages, how long the router may keep adding "
+        "orders to its batch while the applier beside it is busy (commands routed sooner "
+        "would only wait for it; fewer, fuller transactions leave the broker more CPU). "
+        "0: commit at once.",
+    )
     transaction_timeout_ms: int = Field(
         default=10_000,
         ge=1000,
@@ -128,7 +136,7 @@ class Settings(BaseSettings):
         default=5000, ge=100, description="Server selection timeout of the MongoDB client."
     )
     mongodb_concurrency: int = Field(
-        default=4,
+        default=8,
         ge=1,
         le=8,
         description="MongoDB commands a worker sends side by side (product writes, lookups).",

@@ -151,6 +151,11 @@ class TransactionalLoop:
         """Where to start reading (partition -> offset) instead of the committed offsets."""
         self.assigned = threading.Event()
         self.idle_since = time.monotonic()
+        self.busy = False
+        """True while the handler works on a batch."""
+        self.hold: Callable[[], bool] | None = None
+        """While this says True, keep adding what arrives to the batch (up to ``hold_ms``)."""
+        self.hold_ms = 0
         self._stop = threading.Event()
         self._revoked: set[tuple[str, int]] = set()
         self._txn_since: float | None = None
@@ -266,12 +271,18 @@ class TransactionalLoop:
         first = consumer.poll(0.25)
         if first is None:
             return []
-        rest = (
-            consumer.consume(self.settings.batch_size - 1, 0)
-            if self.settings.batch_size > 1
-            else []
-        )
-        return [m for m in (first, *rest) if self._ok(m)]
+        limit = self.settings.batch_size
+        batch = [first, *(consumer.consume(limit - 1, 0) if limit > 1 else [])]
+        if self.hold is not None and self.hold_ms > 0:
+            deadline = time.monotonic() + self.hold_ms / 1000
+            while (
+                len(batch) < limit
+                and self.hold()
+                and time.monotonic() < deadline
+                and not self._stop.is_set()
+            ):
+                batch += consumer.consume(limit - len(batch), 0.002)
+        return [m for m in batch if self._ok(m)]
 
     def _watch(self) -> None:
         limit = 3 * self.settings.kafka_timeout_seconds + 10
@@ -314,7 +325,11 @@ class TransactionalLoop:
         self, consumer: Consumer, producer: Producer, messages: list[Message]
     ) -> Producer:
         began = time.perf_counter()
-        handled = self._handle_with_retries(consumer, messages)
+        self.busy = True
+        try:
+            handled = self._handle_with_retries(consumer, messages)
+        finally:
+            self.busy = False
         self.stats.seconds["handle"] += time.perf_counter() - began
         if handled is None:
             self._rewind(consumer, messages)

@@ -120,6 +120,12 @@ class Worker:
                 group_id=settings.group_id,
                 start_offsets=end_offsets(settings, commands) if start_at_end else None,
             )
+        if "router" in self.loops and "applier" in self.loops:
+            # Commands routed while the applier is busy would only wait for it: let the router
+            # fill its batch meanwhile (bounded), for fewer transactions.
+            applier_loop = self.loops["applier"]
+            self.loops["router"].hold = lambda: applier_loop.busy
+            self.loops["router"].hold_ms = settings.router_hold_ms
         self.stats = WorkerStats()
         self.errors: list[BaseException] = []
 

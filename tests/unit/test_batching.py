@@ -1,0 +1,102 @@
+"""How a consumer loop gathers a batch: what has arrived, and more while the next stage is busy.
+
+The consumer is a stand-in (batching is pure logic over poll/consume); the loops' real runs are
+covered by the integration and chaos suites.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+from stockflow.config import Settings
+from stockflow.retry import CircuitBreaker
+from stockflow.txloop import Handled, Output, TransactionalLoop
+
+
+class _Message:
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+    def error(self) -> None:
+        return None
+
+
+class _Consumer:
+    """Hands out messages that 'arrive' at given times after the first poll."""
+
+    def __init__(self, arrivals: list[float]) -> None:
+        self.start = 0.0
+        self.pending = deque(enumerate(arrivals))
+
+    def _arrived(self, limit: int) -> list[_Message]:
+        now = time.monotonic() - self.start
+        out = []
+        while self.pending and self.pending[0][1] <= now and len(out) < limit:
+            out.append(_Message(self.pending.popleft()[0]))
+        return out
+
+    def poll(self, timeout: float) -> _Message | None:
+        self.start = time.monotonic()
+        got = self._arrived(1)
+        return got[0] if got else None
+
+    def consume(self, limit: int, timeout: float) -> list[_Message]:
+        got = self._arrived(limit)
+        if not got and timeout:
+            time.sleep(timeout)
+            got = self._arrived(limit)
+        return got
+
+
+class _Handler:
+    name = "test"
+    breaker = CircuitBreaker("test")
+
+    def handle(self, messages: Any) -> Handled:
+        return Handled(outputs=[])
+
+    def dead_letter(self, message: Any, reason: str, attempts: int) -> Output:
+        raise AssertionError("not reached")
+
+
+def _loop(batch_size: int = 100) -> TransactionalLoop:
+    return TransactionalLoop(
+        Settings(batch_size=batch_size), _Handler(), topics=["t"], group_id="g"
+    )
+
+
+def _batch(loop: TransactionalLoop, consumer: _Consumer) -> list[int]:
+    return [m.offset for m in loop._next_batch(consumer)]  # type: ignore[arg-type]
+
+
+def test_without_a_hold_the_batch_is_what_has_arrived() -> None:
+    loop = _loop()
+    assert _batch(loop, _Consumer([0, 0, 0, 0.02, 0.03])) == [0, 1, 2]
+
+
+def test_while_the_next_stage_is_busy_the_batch_keeps_filling() -> None:
+    loop = _loop()
+    loop.hold, loop.hold_ms = (lambda: True), 200
+    consumer = _Consumer([0, 0, 0.02, 0.03, 0.5])
+    started = time.monotonic()
+    assert _batch(loop, consumer) == [0, 1, 2, 3]
+    assert 0.15 < time.monotonic() - started < 0.45  # held for hold_ms, then let go
+
+
+def test_the_hold_ends_as_soon_as_the_next_stage_is_free() -> None:
+    loop = _loop()
+    free_at = time.monotonic() + 0.05
+    loop.hold, loop.hold_ms = (lambda: time.monotonic() < free_at), 5000
+    started = time.monotonic()
+    assert _batch(loop, _Consumer([0, 0.01, 0.03, 1.0])) == [0, 1, 2]
+    assert time.monotonic() - started < 0.5
+
+
+def test_a_full_batch_is_never_held() -> None:
+    loop = _loop(batch_size=3)
+    loop.hold, loop.hold_ms = (lambda: True), 5000
+    started = time.monotonic()
+    assert _batch(loop, _Consumer([0, 0, 0, 0])) == [0, 1, 2]
+    assert time.monotonic() - started < 0.5
