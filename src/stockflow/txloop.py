@@ -172,10 +172,11 @@ class TransactionalLoop:
                 "heartbeat.interval.ms": 1_000,
                 "max.poll.interval.ms": 300_000,
                 "fetch.wait.max.ms": 100,
-                # Bound the pre-fetch queue (by default up to 100,000 messages per partition),
-                # so memory does not grow with the backlog: a batch or two ahead is plenty.
-                "queued.min.messages": max(1000, settings.batch_size),
-                "queued.max.messages.kbytes": 16384,
+                # Bound the pre-fetch (by default up to 100,000 messages per partition and
+                # 64 MB), so memory grows less with the backlog: about a batch ahead is plenty.
+                "queued.min.messages": max(1000, settings.batch_size // 4),
+                "queued.max.messages.kbytes": 2048,
+                "fetch.max.bytes": 2 * 1024 * 1024,
                 **(consumer_config or {}),
             }
         )
