@@ -93,6 +93,27 @@ def table(results: dict[str, Any]) -> str:
             f"| {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['max_ms']} "
             f"| {r['audit_discrepancies']} |"
         )
+    slowest = min(results["latency"], key=float)
+    stages = results["latency"][slowest].get("stages")
+    if stages:
+        cpu = results["latency"][slowest].get("cpu_ms_per_order", {})
+        lines += [
+            "",
+            f"Where an order's time goes at {_n(float(slowest))}/s offered (per batch of each "
+            "stage; CPU per order over the run: "
+            + ", ".join(f"{k} {v:.2f} ms" for k, v in cpu.items() if v)
+            + "):",
+            "",
+        ]
+        for name, stage in stages.items():
+            steps = ", ".join(
+                f"{step} {ms:.1f}"
+                for step, ms in sorted(stage["ms_per_batch"].items(), key=lambda kv: -kv[1])
+            )
+            lines.append(
+                f"- {name}: {stage['batches']:,} batches of {stage['messages_per_batch']:.0f} "
+                f"messages; ms per batch: {steps}"
+            )
     for sweep, label in (
         ("batch_size", "batch size"),
         ("products", "products"),

@@ -263,7 +263,7 @@ class Bench:
                 reader.join()
             watch = results[0]
         finally:
-            usage, _ = worker.stop()
+            usage, stats = worker.stop()
         latencies = [(watch.arrivals[i] - t) * 1000 for i, t in sent.items() if i in watch.arrivals]
         with open_pipeline(s) as pipeline:
             report = run_audit(s, pipeline)
@@ -279,12 +279,37 @@ class Bench:
             "max_ms": round(max(latencies, default=0.0), 1),
             "peak_rss_mb": round(usage["peak_rss_mb"], 1),
             "audit_discrepancies": report.discrepancies,
+            "stages": _stages(stats),
+            "cpu_ms_per_order": {
+                "stockflow": round(usage["cpu_s"] / len(orders) * 1000, 3),
+                **{k: round(v / len(orders) * 1000, 3) for k, v in usage["servers_cpu_s"].items()},
+            },
         }
         self._say(f"latency at {rate:.0f}/s", result)
         return result
 
     def _say(self, label: str, result: dict[str, Any]) -> None:
         console.print(f"[bold]{label}[/bold]: {json.dumps(result, default=str)}")
+
+
+def _stages(stats: dict[str, Any]) -> dict[str, Any]:
+    """Each stage's batches: how many, how big, and milliseconds per batch in each step."""
+    stages: dict[str, Any] = {}
+    for name in ("router", "applier"):
+        loop = stats.get(name) or {}
+        batches = loop.get("batches") or 0
+        if not batches:
+            continue
+        steps = dict(loop.get("seconds", {}))
+        if name == "applier":
+            steps.pop("handle", None)  # shown step by step instead
+            steps.update(stats.get("applier_seconds", {}))
+        stages[name] = {
+            "batches": batches,
+            "messages_per_batch": round(loop["messages"] / batches, 1),
+            "ms_per_batch": {k: round(v / batches * 1000, 2) for k, v in steps.items()},
+        }
+    return stages
 
 
 def _delete_topics(s: Settings) -> None:
