@@ -177,7 +177,6 @@ class TransactionalLoop:
                 "queued.min.messages": max(1000, settings.batch_size // 4),
                 "queued.max.messages.kbytes": 2048,
                 "fetch.max.bytes": 2 * 1024 * 1024,
-                "max.partition.fetch.bytes": 256 * 1024,
                 **(consumer_config or {}),
             }
         )
