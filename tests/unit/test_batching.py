@@ -86,7 +86,7 @@ def test_while_the_next_stage_is_busy_the_batch_keeps_filling() -> None:
 def test_the_hold_ends_as_soon_as_the_next_stage_is_free() -> None:
     loop = _loop()
     free_at = time.monotonic() + 0.3
-    loop.hold, loop.hold_ms = (lambda: time.monotonic() < free_at), 60_000
+    loop.hold, loop.hold_ms = (lambda: free_at > time.monotonic()), 60_000
     # Let go when the applier is free (0.3 s), long before hold_ms or the arrival at 5 s.
     assert _batch(loop, _Consumer([0, 0.01, 0.03, 5.0])) == [0, 1, 2]
 
