@@ -122,9 +122,17 @@ class OutcomeWatch:
 
 
 def watch_outcomes(
-    s: Settings, expected: int, timeout: float, on_progress: Callable[[int], None] | None = None
+    s: Settings,
+    expected: int,
+    timeout: float,
+    on_progress: Callable[[int], None] | None = None,
+    failed: Callable[[], str | None] | None = None,
 ) -> OutcomeWatch:
-    """Read the outcomes topic from the start until ``expected`` orders have an outcome."""
+    """Read the outcomes topic from the start until ``expected`` orders have an outcome.
+
+    ``failed`` is asked about once a second; when it returns a reason (the worker died),
+    waiting stops with a RuntimeError rather than running into the timeout.
+    """
     consumer = Consumer(
         s.kafka_config(
             **{
@@ -139,8 +147,13 @@ def watch_outcomes(
     consumer.subscribe([s.outcomes_topic])
     watch = OutcomeWatch()
     deadline = time.monotonic() + timeout
+    checked = time.monotonic()
     try:
         while watch.count < expected and time.monotonic() < deadline:
+            if failed is not None and time.monotonic() - checked >= 1.0:
+                checked = time.monotonic()
+                if (reason := failed()) is not None:
+                    raise RuntimeError(f"stopped waiting for outcomes: {reason}")
             # consume(n, timeout) waits for n messages or the timeout, which would add up to
             # the timeout to every arrival time: wait for one message, then take the rest.
             first = consumer.poll(0.1)

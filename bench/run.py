@@ -78,6 +78,14 @@ class StockflowProcess:
         )  # fmt: skip
         self.sampler = Sampler(self.proc.pid)
 
+    def failed(self) -> str | None:
+        """Why the worker is gone, if it exited (the benchmark then stops waiting for it)."""
+        code = self.proc.poll()
+        if code is None:
+            return None
+        stderr = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+        return f"stockflow consume exited with status {code}:\n{stderr[-2000:]}"
+
     def stop(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Stop it (SIGTERM); its resource usage and the timings it wrote at exit."""
         usage = self.sampler.stop()
@@ -98,7 +106,9 @@ def measure_stockflow(
 ) -> dict[str, Any]:
     worker = StockflowProcess(s, tmp / f"{s.group_id}.json")
     try:
-        watch = watch_outcomes(s, expected, timeout=1800, on_progress=progress)
+        watch = watch_outcomes(
+            s, expected, timeout=1800, on_progress=progress, failed=worker.failed
+        )
     finally:
         usage, stats = worker.stop()
     with open_pipeline(s) as pipeline:
@@ -239,13 +249,13 @@ class Bench:
             with OrderProducer(s) as producer:
                 producer.send(orders[0])  # warm-up: wait for its outcome before timing
                 producer.flush()
-                warm = watch_outcomes(s, 1, timeout=120)
+                warm = watch_outcomes(s, 1, timeout=120, failed=worker.failed)
                 if warm.count != 1:
                     raise RuntimeError("the worker did not answer the warm-up order")
                 results: list[Any] = []
                 reader = threading.Thread(
                     target=lambda: results.append(
-                        watch_outcomes(s, len(orders), timeout=seconds + 120)
+                        watch_outcomes(s, len(orders), timeout=seconds + 120, failed=worker.failed)
                     )
                 )
                 reader.start()
@@ -379,7 +389,7 @@ def _run(bench: Bench, base: Settings, quick: bool) -> dict[str, Any]:
                              ceilings_too=False)  # fmt: skip
         sweeps["products"][str(products)] = _brief(r)
     sweeps["products"][str(n(10_000))] = _brief(w["zipf"])
-    for length in [50_000, 100_000] if not quick else [1000]:
+    for length in [50_000, 100_000, 400_000] if not quick else [1000]:
         r = bench.throughput(Workload("zipf", n(length), n(10_000)), baseline=False,
                              ceilings_too=False)  # fmt: skip
         sweeps["stream_length"][str(n(length))] = _brief(r)

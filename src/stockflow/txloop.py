@@ -172,11 +172,15 @@ class TransactionalLoop:
                 "heartbeat.interval.ms": 1_000,
                 "max.poll.interval.ms": 300_000,
                 "fetch.wait.max.ms": 100,
-                # Bound the pre-fetch (by default up to 100,000 messages per partition and
-                # 64 MB), so memory grows less with the backlog: about a batch ahead is plenty.
-                "queued.min.messages": max(1000, settings.batch_size // 4),
+                # Bound the pre-fetch so that memory stays flat however long the backlog:
+                # keep two batches ready, and fetch in small steps. The fetch limits count
+                # bytes on the wire: one compressed 1 MB partition fetch of small JSON orders
+                # unpacks into ~100,000 queued messages (~50 MB), which is how a 200,000-order
+                # backlog once cost 70 MB more than a 50,000 one.
+                "queued.min.messages": max(1000, 2 * settings.batch_size),
                 "queued.max.messages.kbytes": 2048,
-                "fetch.max.bytes": 2 * 1024 * 1024,
+                "max.partition.fetch.bytes": 128 * 1024,
+                "fetch.max.bytes": 1024 * 1024,
                 **(consumer_config or {}),
             }
         )
@@ -193,7 +197,9 @@ class TransactionalLoop:
                 # those quickly: the default backoff (100 ms, growing) doubles the latency.
                 "retry.backoff.ms": 5,
                 "retry.backoff.max.ms": 100,
-                "compression.type": "lz4",
+                # Commands and outcomes are small and read back at once; compressing them
+                # saves no I/O worth having and multiplies what a consumer's fetch unpacks.
+                "compression.type": "none",
             }
         )
 
