@@ -105,6 +105,8 @@ class OutcomeWatch:
     """Outcome events as a ``read_committed`` reader sees them, with their arrival times."""
 
     arrivals: dict[str, float] = field(default_factory=dict)
+    decided: dict[str, float] = field(default_factory=dict)
+    """When each outcome was durable in MongoDB (the event's ``at``): before its commit."""
     statuses: dict[str, int] = field(default_factory=dict)
     first_arrival: float = 0.0
     count_at_first: int = 0
@@ -169,6 +171,7 @@ def watch_outcomes(
                 ident = str(event.id)
                 if ident not in watch.arrivals:
                     watch.arrivals[ident] = now
+                    watch.decided[ident] = event.at
                     watch.statuses[event.status.value] = (
                         watch.statuses.get(event.status.value, 0) + 1
                     )

@@ -84,13 +84,17 @@ def table(results: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "| offered rate | orders | p50 ms | p95 ms | p99 ms | max ms | audit |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| offered rate | orders | p50 ms | p95 ms | p99 ms | max ms "
+        "| until durable p50 / p99 | then until seen p50 / p99 | audit |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for rate, r in results["latency"].items():
+        durable, seen = r.get("until_durable_ms", {}), r.get("durable_to_seen_ms", {})
         lines.append(
             f"| {_n(float(rate))}/s (measured {_n(r['offered_per_s'])}/s) | {r['orders']:,} "
             f"| {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['max_ms']} "
+            f"| {durable.get('p50', '–')} / {durable.get('p99', '–')} "
+            f"| {seen.get('p50', '–')} / {seen.get('p99', '–')} "
             f"| {r['audit_discrepancies']} |"
         )
     slowest = min(results["latency"], key=float)

@@ -275,6 +275,11 @@ class Bench:
         finally:
             usage, stats = worker.stop()
         latencies = [(watch.arrivals[i] - t) * 1000 for i, t in sent.items() if i in watch.arrivals]
+        # The two halves: until the outcome is durable in MongoDB (routing, the commands'
+        # transaction, the applier's queue and work), and from there until a reader sees it
+        # (the applier's transaction and the delivery).
+        durable = [(watch.decided[i] - t) * 1000 for i, t in sent.items() if i in watch.decided]
+        seen = [(watch.arrivals[i] - watch.decided[i]) * 1000 for i in sent if i in watch.decided]
         with open_pipeline(s) as pipeline:
             report = run_audit(s, pipeline)
         drop(s)
@@ -287,6 +292,8 @@ class Bench:
             "p95_ms": round(percentile(latencies, 95), 1),
             "p99_ms": round(percentile(latencies, 99), 1),
             "max_ms": round(max(latencies, default=0.0), 1),
+            "until_durable_ms": {f"p{q}": round(percentile(durable, q), 1) for q in (50, 99)},
+            "durable_to_seen_ms": {f"p{q}": round(percentile(seen, q), 1) for q in (50, 99)},
             "peak_rss_mb": round(usage["peak_rss_mb"], 1),
             "audit_discrepancies": report.discrepancies,
             "stages": _stages(stats),

@@ -57,6 +57,11 @@ def test_pidfile_tracks_a_live_process_and_forgets_a_dead_one(tmp_path: Path) ->
 def test_pidfile_of_a_recycled_pid_is_not_trusted(tmp_path: Path) -> None:
     other = subprocess.Popen(["sleep", "30"])
     try:
+        # Until the child has exec'd, its command line is empty and any name is believed.
+        cmdline = Path(f"/proc/{other.pid}/cmdline")
+        deadline = time.monotonic() + 10
+        while not cmdline.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
         pidfile = tmp_path / "x.pid"
         pidfile.write_text(f'{{"pid": {other.pid}, "argv0": "redis-server", "started_at": 0}}')
         assert process.read_pidfile(pidfile) is None
@@ -80,3 +85,16 @@ def test_wait_until_reports_a_process_that_died(tmp_path: Path) -> None:
         assert "exited during start-up" in str(exc) and "boom" in str(exc)
     else:
         raise AssertionError("wait_until did not notice the dead process")
+
+
+def test_broker_version_is_found_after_the_log_rolled(tmp_path: Path) -> None:
+    kafka = KafkaService(Settings(state_dir=tmp_path))
+    logs = kafka.dir / "logs"
+    logs.mkdir(parents=True)
+    assert kafka._broker_version() == kafka.settings.kafka_version  # no log yet: the jars'
+    (logs / "server.log.2").write_text("INFO Kafka version: 4.0.0 (old start)\n")
+    (logs / "server.log.1").write_text("INFO Kafka version: 4.3.1 (last start)\nINFO more\n")
+    (logs / "server.log").write_text("INFO only later lines\n")
+    assert kafka._broker_version() == "4.3.1"
+    (logs / "server.log").write_text("INFO Kafka version: 9.9.9\n")  # restarted since
+    assert kafka._broker_version() == "9.9.9"

@@ -194,10 +194,18 @@ class KafkaService(Service):
         return f"Apache Kafka {version} (KRaft, {brokers} broker{plural}, cluster {cluster})"
 
     def _broker_version(self) -> str:
-        """The version the running broker logged at start (its jars' version as a fallback)."""
-        try:
-            text = (self.dir / "logs" / "server.log").read_text(errors="replace")
-        except OSError:
-            return self.settings.kafka_version
-        found = re.findall(r"Kafka version: (\S+)", text)
-        return found[-1] if found else self.settings.kafka_version
+        """The version the running broker logged at start (its jars' version as a fallback).
+
+        The log rolls (``server.log``, then ``server.log.1`` .. ``.3``, newest first), so the
+        start-up line may have moved into an older file.
+        """
+        logs = self.dir / "logs"
+        for path in [logs / "server.log", *(logs / f"server.log.{i}" for i in range(1, 4))]:
+            try:
+                text = path.read_text(errors="replace")
+            except OSError:
+                continue
+            found = re.findall(r"Kafka version: (\S+)", text)
+            if found:
+                return str(found[-1])
+        return self.settings.kafka_version
