@@ -93,8 +93,8 @@ def table(results: dict[str, Any]) -> str:
         lines.append(
             f"| {_n(float(rate))}/s (measured {_n(r['offered_per_s'])}/s) | {r['orders']:,} "
             f"| {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['max_ms']} "
-            f"| {durable.get('p50', '–')} / {durable.get('p99', '–')} "
-            f"| {seen.get('p50', '–')} / {seen.get('p99', '–')} "
+            f"| {durable.get('p50', '-')} / {durable.get('p99', '-')} "
+            f"| {seen.get('p50', '-')} / {seen.get('p99', '-')} "
             f"| {r['audit_discrepancies']} |"
         )
     slowest = min(results["latency"], key=float)
