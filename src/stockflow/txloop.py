@@ -181,6 +181,10 @@ class TransactionalLoop:
                 "queued.max.messages.kbytes": 2048,
                 "max.partition.fetch.bytes": 128 * 1024,
                 "fetch.max.bytes": 1024 * 1024,
+                # Once those two batches are queued, librdkafka postpones the partition's next
+                # fetch by this much (default 1 s), which starved small batches: at 500 per
+                # batch the applier idled half the time (2,000 instead of 4,000 orders/s).
+                "fetch.queue.backoff.ms": 10,
                 **(consumer_config or {}),
             }
         )
