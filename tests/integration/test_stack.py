@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -65,15 +66,32 @@ def test_external_service_is_neither_started_nor_stopped(
     assert service.status().running  # the user's Redis still answers
 
 
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct ports nothing listens on or is bound to at this moment."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def test_a_second_stack_comes_up_and_down_leaves_nothing_running(tmp_path: Path) -> None:
     """A whole separate stack (own ports and state, the SQLite backend) from cold start to stop."""
+    # Ports the system says are free now: fixed ones can be taken by a client connection's
+    # local port (they lie in the ephemeral range), which once failed Kafka's start here.
+    ports = _free_ports(4)
     settings = Settings(
         state_dir=tmp_path / "state",
         ferretdb_backend="sqlite",  # the suite's own stack runs the default, postgresql
-        kafka_port=39192,
-        kafka_controller_port=39193,
-        ferretdb_port=37117,
-        redis_port=36479,
+        kafka_port=ports[0],
+        kafka_controller_port=ports[1],
+        ferretdb_port=ports[2],
+        redis_port=ports[3],
     )
     for name in ("KAFKA_BOOTSTRAP_SERVERS", "MONGODB_URI", "REDIS_URL"):
         if os.environ.get(name):
@@ -91,6 +109,6 @@ def test_a_second_stack_comes_up_and_down_leaves_nothing_running(tmp_path: Path)
         down = stack.down()
     assert {r.action for r in down} == {"stopped"}
     assert not any(is_alive(pid) for pid in pids if pid is not None)
-    for port in (39192, 39193, 37117, 36479):
+    for port in ports:
         assert not port_open("127.0.0.1", port), f"port {port} still open"
     assert [r.action for r in stack.down()] == ["not running"] * 3
