@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 
 from stockflow.applier import Applier
 from stockflow.config import Settings
+from stockflow.consumer import LoopStats, TransactionalLoop
 from stockflow.ledger import Ledger
 from stockflow.pipeline import Pipeline
 from stockflow.planner import Decision
 from stockflow.router import Router
 from stockflow.topics import create_topic, end_offsets, require_topic
-from stockflow.txloop import LoopStats, TransactionalLoop
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from stockflow import txloop
+from stockflow import consumer
 from stockflow.config import Settings
+from stockflow.consumer import Handled, Output, TransactionalLoop
 from stockflow.retry import CircuitBreaker
-from stockflow.txloop import Handled, Output, TransactionalLoop
 
 
 class _Clock:
@@ -36,7 +36,7 @@ class _Clock:
 def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
     c = _Clock()
     fake_time = types.SimpleNamespace(monotonic=c, perf_counter=c, time=c, sleep=c.sleep)
-    monkeypatch.setattr(txloop, "time", fake_time)
+    monkeypatch.setattr(consumer, "time", fake_time)
     return c
 
 

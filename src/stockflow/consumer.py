@@ -29,7 +29,6 @@ import os
 import threading
 import time
 import traceback
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from stockflow import kafka_clients
 from stockflow.config import Settings
 from stockflow.errors import ServiceUnavailableError, TransientError
 from stockflow.outcomes import Headers, source_of
@@ -58,7 +58,7 @@ class _Stopping(Exception):
     """Raised out of a wait for Kafka when the loop was asked to stop meanwhile."""
 
 
-def _close_quietly(producer: Producer) -> None:
+def _close_quietly(producer: ProducerLike) -> None:
     # Everything that matters was produced inside committed transactions; a producer that was
     # fenced or lost its broker has nothing left worth waiting for.
     try:
@@ -101,6 +101,48 @@ class Handler(Protocol):
         ...
 
 
+class ConsumerLike(Protocol):
+    """What the loop uses of ``confluent_kafka.Consumer``."""
+
+    def subscribe(
+        self,
+        topics: list[str],
+        on_assign: Callable[[Any, list[TopicPartition]], None] = ...,
+        on_revoke: Callable[[Any, list[TopicPartition]], None] = ...,
+    ) -> None: ...
+    def poll(self, timeout: float) -> Message | None: ...
+    def consume(self, num_messages: int, timeout: float) -> list[Message]: ...
+    def assign(self, partitions: list[TopicPartition]) -> None: ...
+    def assignment(self) -> list[TopicPartition]: ...
+    def pause(self, partitions: list[TopicPartition]) -> None: ...
+    def resume(self, partitions: list[TopicPartition]) -> None: ...
+    def seek(self, partition: TopicPartition) -> None: ...
+    def consumer_group_metadata(self) -> object: ...
+    def close(self) -> None: ...
+
+
+class ProducerLike(Protocol):
+    """What the loop uses of a transactional ``confluent_kafka.Producer``."""
+
+    def init_transactions(self, timeout: float) -> None: ...
+    def begin_transaction(self) -> None: ...
+    def produce(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        *,
+        headers: Headers | None = None,
+    ) -> None: ...
+    def send_offsets_to_transaction(
+        self, positions: list[TopicPartition], group_metadata: object, timeout: float
+    ) -> None: ...
+    def commit_transaction(self, timeout: float) -> None: ...
+    def abort_transaction(self, timeout: float) -> None: ...
+    def poll(self, timeout: float) -> int: ...
+    def flush(self, timeout: float) -> int: ...
+
+
 @dataclass
 class LoopStats:
     """Committed messages and the handler's counts."""
@@ -141,7 +183,11 @@ class TransactionalLoop:
         group_id: str,
         consumer_config: dict[str, Any] | None = None,
         start_offsets: dict[int, int] | None = None,
+        consumer_factory: Callable[[dict[str, Any]], ConsumerLike] = Consumer,
+        producer_factory: Callable[[dict[str, Any]], ProducerLike] = Producer,
     ) -> None:
+        """``consumer_factory`` and ``producer_factory`` build the Kafka clients from their
+        configurations (``kafka_clients``); tests pass fakes to drive the failure paths."""
         self.settings = settings
         self.handler = handler
         self.topics = topics
@@ -161,51 +207,13 @@ class TransactionalLoop:
         self._txn_since: float | None = None
         self.on_stuck: Callable[[str], None] = _exit_stuck
         """Called (from the watchdog thread) when a transaction step hangs."""
-        self._consumer_config = settings.kafka_config(
-            **{
-                "group.id": group_id,
-                "client.id": f"stockflow-{handler.name}",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-                "auto.offset.reset": "earliest",
-                "session.timeout.ms": 10_000,
-                "heartbeat.interval.ms": 1_000,
-                "max.poll.interval.ms": 300_000,
-                "fetch.wait.max.ms": 100,
-                # Bound the pre-fetch so that memory stays flat however long the backlog:
-                # keep two batches ready, and fetch in small steps. The fetch limits count
-                # bytes on the wire: one compressed 1 MB partition fetch of small JSON orders
-                # unpacks into ~100,000 queued messages (~50 MB), which is how a 200,000-order
-                # backlog once cost 70 MB more than a 50,000 one.
-                "queued.min.messages": max(1000, 2 * settings.batch_size),
-                "queued.max.messages.kbytes": 2048,
-                "max.partition.fetch.bytes": 128 * 1024,
-                "fetch.max.bytes": 1024 * 1024,
-                # Once those two batches are queued, librdkafka postpones the partition's next
-                # fetch by this much (default 1 s), which starved small batches: at 500 per
-                # batch the applier idled half the time (2,000 instead of 4,000 orders/s).
-                "fetch.queue.backoff.ms": 10,
-                **(consumer_config or {}),
-            }
+        client_id = f"stockflow-{handler.name}"
+        self._consumer_config = kafka_clients.loop_consumer(
+            settings, group_id=group_id, client_id=client_id, **(consumer_config or {})
         )
-        self._producer_config = settings.kafka_config(
-            **{
-                "client.id": f"stockflow-{handler.name}",
-                "transactional.id": f"stockflow-{handler.name}-{uuid.uuid4().hex}",
-                "transaction.timeout.ms": settings.transaction_timeout_ms,
-                "enable.idempotence": True,
-                "acks": "all",
-                "linger.ms": 5,
-                # The coordinator finishes a commit in the background; the next transaction's
-                # first requests are refused until it has (CONCURRENT_TRANSACTIONS). Retry
-                # those quickly: the default backoff (100 ms, growing) doubles the latency.
-                "retry.backoff.ms": 5,
-                "retry.backoff.max.ms": 100,
-                # Commands and outcomes are small and read back at once; compressing them
-                # saves no I/O worth having and multiplies what a consumer's fetch unpacks.
-                "compression.type": "none",
-            }
-        )
+        self._producer_config = kafka_clients.transactional_producer(settings, client_id=client_id)
+        self._consumer_factory = consumer_factory
+        self._producer_factory = producer_factory
 
     # --- control ---
     def stop(self) -> None:
@@ -216,7 +224,7 @@ class TransactionalLoop:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_assign(self, consumer: ConsumerLike, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self._revoked.discard((tp.topic, tp.partition))
             if tp.partition in self.start_offsets:
@@ -228,7 +236,7 @@ class TransactionalLoop:
         )
         self.assigned.set()
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_revoke(self, consumer: ConsumerLike, partitions: list[TopicPartition]) -> None:
         # Called inside poll/consume, so no batch of these partitions is being written now;
         # a batch held back by an outage is dropped (the next owner redoes it).
         self._revoked.update((tp.topic, tp.partition) for tp in partitions)
@@ -245,7 +253,7 @@ class TransactionalLoop:
     # --- the loop ---
     def run(self, *, idle_timeout: float | None = None) -> LoopStats:
         """Run until stopped, or until no message came for ``idle_timeout`` seconds."""
-        consumer = Consumer(self._consumer_config)
+        consumer = self._consumer_factory(self._consumer_config)
         producer = self._new_producer()
         watchdog = threading.Thread(target=self._watch, name=f"{self.handler.name}-watchdog")
         watchdog.daemon = True
@@ -273,7 +281,7 @@ class TransactionalLoop:
                 _close_quietly(producer)
         return self.stats
 
-    def _next_batch(self, consumer: Consumer) -> list[Message]:
+    def _next_batch(self, consumer: ConsumerLike) -> list[Message]:
         """Wait (briefly) for one message, then take what else has arrived, up to a batch.
 
         A quiet stream gets small batches at once (low latency); a busy one gets full batches,
@@ -319,8 +327,8 @@ class TransactionalLoop:
         log.warning("%s: Kafka: %s", self.handler.name, error.str())
         return False
 
-    def _new_producer(self) -> Producer:
-        producer = Producer(self._producer_config)
+    def _new_producer(self) -> ProducerLike:
+        producer = self._producer_factory(self._producer_config)
         breaker = CircuitBreaker(f"{self.handler.name}: Kafka transactions")
         while True:
             try:
@@ -333,8 +341,8 @@ class TransactionalLoop:
                 time.sleep(breaker.failed(exc))
 
     def _run_batch(
-        self, consumer: Consumer, producer: Producer, messages: list[Message]
-    ) -> Producer:
+        self, consumer: ConsumerLike, producer: ProducerLike, messages: list[Message]
+    ) -> ProducerLike:
         began = time.perf_counter()
         self.busy = True
         try:
@@ -383,7 +391,7 @@ class TransactionalLoop:
             handled.on_commit()
         return producer
 
-    def _produce(self, producer: Producer, out: Output) -> None:
+    def _produce(self, producer: ProducerLike, out: Output) -> None:
         while True:
             try:
                 producer.produce(out.topic, out.value, out.key, headers=out.headers)
@@ -391,7 +399,7 @@ class TransactionalLoop:
             except BufferError:
                 producer.poll(0.05)
 
-    def _commit(self, producer: Producer) -> None:
+    def _commit(self, producer: ProducerLike) -> None:
         for attempt in range(5):
             try:
                 producer.commit_transaction(self.settings.kafka_timeout_seconds)
@@ -401,7 +409,7 @@ class TransactionalLoop:
                     raise
                 time.sleep(0.5 * (attempt + 1))
 
-    def _rewind(self, consumer: Consumer, messages: Sequence[Message]) -> None:
+    def _rewind(self, consumer: ConsumerLike, messages: Sequence[Message]) -> None:
         """Seek back to the batch's first offsets (partitions still ours) to redo it."""
         self.stats.rewinds += 1
         for tp in _first_offsets(messages):
@@ -415,7 +423,9 @@ class TransactionalLoop:
     def _still_ours(self, messages: Sequence[Message]) -> bool:
         return not any((m.topic(), m.partition()) in self._revoked for m in messages)
 
-    def _handle_with_retries(self, consumer: Consumer, messages: list[Message]) -> Handled | None:
+    def _handle_with_retries(
+        self, consumer: ConsumerLike, messages: list[Message]
+    ) -> Handled | None:
         """The handler's result; None when the batch must be dropped (revoked or stopping)."""
         breaker = self.handler.breaker
         failures = 0
@@ -444,7 +454,7 @@ class TransactionalLoop:
                     continue
                 return self._one_by_one(consumer, messages)
 
-    def _one_by_one(self, consumer: Consumer, messages: list[Message]) -> Handled | None:
+    def _one_by_one(self, consumer: ConsumerLike, messages: list[Message]) -> Handled | None:
         """Handle each message alone; dead-letter those that still fail."""
         merged = Handled(outputs=[])
         hooks: list[Callable[[], None]] = []
@@ -480,7 +490,7 @@ class TransactionalLoop:
         merged.on_commit = run_hooks
         return merged
 
-    def _wait(self, consumer: Consumer, delay: float, messages: Sequence[Message]) -> bool:
+    def _wait(self, consumer: ConsumerLike, delay: float, messages: Sequence[Message]) -> bool:
         """Sleep ``delay`` while serving the group; False if the batch must be dropped."""
         deadline = time.monotonic() + delay
         while time.monotonic() < deadline:
