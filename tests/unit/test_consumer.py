@@ -1,0 +1,182 @@
+"""The consume loop's failure paths, with in-memory Kafka clients injected (``kafka_fakes``).
+
+The handler here echoes each input as one output on ``out`` and can be scripted to fail; the
+loops' real runs against Kafka are covered by the integration and chaos suites.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from stockflow.config import Settings
+from stockflow.consumer import Handled, Output, TransactionalLoop
+from stockflow.errors import TransientError
+from stockflow.outcomes import dead_letter_headers, header_map, source_of
+from stockflow.retry import Backoff, CircuitBreaker, CircuitState
+from tests.unit.kafka_fakes import FakeKafka, abortable
+
+IN = "in"
+
+
+class EchoHandler:
+    """Outputs each input's value on ``out``; ``fail(messages)`` may raise instead."""
+
+    name = "echo"
+
+    def __init__(self, fail: Callable[[Sequence[Any]], None] | None = None) -> None:
+        self.breaker = CircuitBreaker("echo", backoff=Backoff(base=0.02, cap=0.05))
+        self.fail = fail
+        self.calls: list[list[tuple[int, int]]] = []
+        self.committed: list[int] = []
+
+    def handle(self, messages: Sequence[Any]) -> Handled:
+        self.calls.append([(m.partition(), m.offset()) for m in messages])
+        if self.fail is not None:
+            self.fail(messages)
+        n = len(messages)
+        return Handled(
+            [Output("out", m.value()) for m in messages],
+            on_commit=lambda: self.committed.append(n),
+        )
+
+    def dead_letter(self, message: Any, reason: str, attempts: int) -> Output:
+        headers = dead_letter_headers(reason, source_of(message), attempts=attempts)
+        return Output("dlq", message.value(), headers=headers)
+
+
+def make_loop(kafka: FakeKafka, handler: EchoHandler, **settings: Any) -> TransactionalLoop:
+    s = Settings(**{"batch_size": 100, "max_attempts": 3, "kafka_timeout_seconds": 1, **settings})
+    loop = TransactionalLoop(
+        s,
+        handler,
+        topics=[IN],
+        group_id="g",
+        consumer_factory=kafka.consumer,
+        producer_factory=kafka.producer,
+    )
+    loop.on_stuck = lambda what: pytest.fail(f"unexpected watchdog: {what}")
+    return loop
+
+
+class Running:
+    """A loop running in a thread; ``until`` waits for a condition, then stops it."""
+
+    def __init__(self, loop: TransactionalLoop, **run: Any) -> None:
+        self.loop = loop
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, kwargs=run, daemon=True)
+        self.thread.start()
+
+    def _run(self, **run: Any) -> None:
+        try:
+            self.loop.run(**run)
+        except BaseException as exc:
+            self.error = exc
+
+    def until(self, condition: Callable[[], bool], timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        try:
+            while not condition():
+                if self.error is not None or not self.thread.is_alive():
+                    break
+                assert time.monotonic() < deadline, "condition not reached in time"
+                time.sleep(0.005)
+        finally:
+            self.stop()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        self.loop.stop()
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "the loop did not stop"
+
+
+def committed_everything(kafka: FakeKafka) -> Callable[[], bool]:
+    return lambda: all(kafka.committed.get(key, 0) == len(log) for key, log in kafka.logs.items())
+
+
+# --- transient failures: the circuit ---
+def test_a_transient_failure_pauses_keeps_polling_and_resumes_on_success() -> None:
+    kafka = FakeKafka()
+    kafka.add(IN, 0, b"a", b"b")
+    kafka.add(IN, 1, b"c")
+    failures = iter([TransientError("db down")] * 4)
+
+    def fail(_: Sequence[Any]) -> None:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+
+    handler = EchoHandler(fail)
+    loop = make_loop(kafka, handler)
+    Running(loop).until(committed_everything(kafka))
+    [consumer] = kafka.consumers
+    assert len(handler.calls) == 5  # the same batch, retried until the dependency answers
+    assert consumer.polls_while_paused >= 4  # the group membership was kept meanwhile
+    assert consumer.paused == set() and handler.breaker.state is CircuitState.CLOSED
+    assert sorted(kafka.values()) == [b"a", b"b", b"c"]  # once each, no dead letter
+
+
+# --- failures about the messages: retries, one by one, dead letters ---
+def test_a_poison_message_is_dead_lettered_after_bounded_retries_and_its_neighbours_kept() -> None:
+    kafka = FakeKafka()
+    kafka.add(IN, 0, b"a", b"poison", b"c")
+    kafka.add(IN, 1, b"d")
+
+    def fail(messages: Sequence[Any]) -> None:
+        if any(m.value() == b"poison" for m in messages):
+            raise ValueError("cannot handle poison")
+
+    handler = EchoHandler(fail)
+    Running(make_loop(kafka, handler, max_attempts=3)).until(committed_everything(kafka))
+    batch = handler.calls[0]
+    assert handler.calls[:3] == [batch] * 3  # bounded retries of the batch
+    alone = handler.calls[3:]
+    assert alone.count([(0, 1)]) == 3 and all(len(c) == 1 for c in alone)
+    assert sorted(kafka.values("out")) == [b"a", b"c", b"d"]
+    [letter] = [o for o in kafka.outputs if o.topic == "dlq"]
+    headers = header_map(letter.headers)
+    assert letter.value == b"poison" and "cannot handle poison" in headers["stockflow.dlq.reason"]
+    assert headers["stockflow.dlq.source.offset"] == "1"
+    assert headers["stockflow.dlq.attempts"] == "3"
+    assert len(kafka.commits) == 1  # one transaction: outputs, the dead letter and offsets
+
+
+# --- transactions ---
+def test_a_failed_transaction_is_aborted_and_the_batch_rewound_and_redone() -> None:
+    kafka = FakeKafka()
+    kafka.add(IN, 0, b"a", b"b")
+    kafka.add(IN, 1, b"c")
+    kafka.producer_script = lambda p: p.fail_commit.append(abortable("coordinator moved"))
+    handler = EchoHandler()
+    loop = make_loop(kafka, handler)
+    Running(loop).until(committed_everything(kafka))
+    [producer] = kafka.producers
+    [consumer] = kafka.consumers
+    assert producer.aborts == 1
+    assert sorted(consumer.seeks) == [(IN, 0, 0), (IN, 1, 0)]  # back to the first offsets
+    assert handler.calls[0] == handler.calls[1]  # the same batch, handled again
+    assert sorted(kafka.values()) == [b"a", b"b", b"c"]  # only the redone attempt's outputs
+    assert handler.committed == [3] and loop.stats.rewinds == 1
+
+
+def test_an_abort_that_fails_gets_a_new_producer() -> None:
+    kafka = FakeKafka()
+    kafka.add(IN, 0, b"a")
+
+    def script(p: Any) -> None:
+        if not kafka.producers:  # the first producer: commit and abort both fail
+            p.fail_commit.append(abortable())
+            p.fail_abort.append(KafkaException(KafkaError(KafkaError._TIMED_OUT, "abort")))
+
+    kafka.producer_script = script
+    Running(make_loop(kafka, EchoHandler())).until(committed_everything(kafka))
+    assert len(kafka.producers) == 2
+    assert kafka.values() == [b"a"]
