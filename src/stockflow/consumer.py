@@ -40,7 +40,7 @@ from stockflow import kafka_clients
 from stockflow.config import Settings
 from stockflow.errors import ServiceUnavailableError, TransientError
 from stockflow.outcomes import Headers, source_of
-from stockflow.retry import CircuitBreaker, CircuitState
+from stockflow.retry import CircuitBreaker
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +204,8 @@ class TransactionalLoop:
         self.hold_ms = 0
         self._stop = threading.Event()
         self._revoked: set[tuple[str, int]] = set()
+        self._paused: set[tuple[str, int]] = set()
+        """Partitions this loop paused; every path out of a batch resumes them."""
         self._txn_since: float | None = None
         self.on_stuck: Callable[[str], None] = _exit_stuck
         """Called (from the watchdog thread) when a transaction step hangs."""
@@ -224,6 +226,26 @@ class TransactionalLoop:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    @property
+    def paused(self) -> list[str]:
+        """The partitions paused now (``topic[partition]``): while the handler's circuit is
+        open, or while a failed batch waits to be retried; empty otherwise."""
+        return [f"{t}[{p}]" for t, p in sorted(self._paused)]
+
+    def _pause(self, consumer: ConsumerLike, partitions: list[TopicPartition]) -> None:
+        consumer.pause(partitions)
+        self._paused.update((tp.topic, tp.partition) for tp in partitions)
+
+    def _resume(self, consumer: ConsumerLike) -> None:
+        """Resume every partition this loop paused that is still assigned to it."""
+        if not self._paused:
+            return
+        assigned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+        ours = [TopicPartition(t, p) for t, p in sorted(self._paused & assigned)]
+        self._paused.clear()
+        if ours:
+            consumer.resume(ours)
+
     def _on_assign(self, consumer: ConsumerLike, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self._revoked.discard((tp.topic, tp.partition))
@@ -240,6 +262,7 @@ class TransactionalLoop:
         # Called inside poll/consume, so no batch of these partitions is being written now;
         # a batch held back by an outage is dropped (the next owner redoes it).
         self._revoked.update((tp.topic, tp.partition) for tp in partitions)
+        self._paused.difference_update((tp.topic, tp.partition) for tp in partitions)
         self._partitions_changed()
         log.debug(
             "%s: revoked %s", self.handler.name, [(tp.topic, tp.partition) for tp in partitions]
@@ -426,21 +449,29 @@ class TransactionalLoop:
     def _handle_with_retries(
         self, consumer: ConsumerLike, messages: list[Message]
     ) -> Handled | None:
-        """The handler's result; None when the batch must be dropped (revoked or stopping)."""
+        """The handler's result; None when the batch must be dropped (revoked or stopping).
+
+        Whichever way the batch ends, the partitions paused meanwhile are resumed: after a
+        success the circuit is closed, and a dropped batch is read again from its owner's
+        committed offsets.
+        """
+        try:
+            return self._handle_paused(consumer, messages)
+        finally:
+            self._resume(consumer)
+
+    def _handle_paused(self, consumer: ConsumerLike, messages: list[Message]) -> Handled | None:
         breaker = self.handler.breaker
         failures = 0
         while True:
             try:
                 handled = self.handler.handle(messages)
-                if breaker.state is CircuitState.OPEN:
-                    consumer.resume(consumer.assignment())
                 breaker.succeeded()
                 return handled
             except TransientError as exc:
                 delay = breaker.failed(exc)
-                consumer.pause(consumer.assignment())
+                self._pause(consumer, consumer.assignment())
                 if not self._wait(consumer, delay, messages):
-                    consumer.resume(consumer.assignment())
                     return None
             except Exception as exc:
                 failures += 1
@@ -462,7 +493,8 @@ class TransactionalLoop:
             for attempt in range(1, self.settings.max_attempts + 1):
                 try:
                     handled = self.handler.handle([message])
-                except TransientError:
+                except TransientError as exc:
+                    self.handler.breaker.failed(exc)
                     return None  # redo the whole batch once the outage is over
                 except Exception as exc:
                     if attempt < self.settings.max_attempts:
@@ -475,6 +507,7 @@ class TransactionalLoop:
                     merged.outputs.append(self.handler.dead_letter(message, reason, attempt))
                     merged.counts["dead_lettered"] += 1
                     break
+                self.handler.breaker.succeeded()
                 merged.outputs += handled.outputs
                 merged.counts.update(handled.counts)
                 if handled.on_commit:
@@ -501,5 +534,5 @@ class TransactionalLoop:
             if message is not None and message.error() is None:
                 s = source_of(message)
                 consumer.seek(TopicPartition(s.topic, s.partition, s.offset))
-                consumer.pause([TopicPartition(s.topic, s.partition)])
+                self._pause(consumer, [TopicPartition(s.topic, s.partition)])
         return self._still_ours(messages)

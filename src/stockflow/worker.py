@@ -136,6 +136,7 @@ class Worker:
                 "circuit": loop.handler.breaker.state.value,
                 "failures": loop.handler.breaker.failures,
                 "last_error": loop.handler.breaker.last_error,
+                "paused": loop.paused,
                 "messages": loop.stats.messages,
                 "batches": loop.stats.batches,
                 "rewinds": loop.stats.rewinds,

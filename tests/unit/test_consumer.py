@@ -180,3 +180,52 @@ def test_an_abort_that_fails_gets_a_new_producer() -> None:
     Running(make_loop(kafka, EchoHandler())).until(committed_everything(kafka))
     assert len(kafka.producers) == 2
     assert kafka.values() == [b"a"]
+
+
+# --- pause and resume ---
+def test_partitions_paused_while_waiting_to_retry_are_resumed_whatever_the_batch_became() -> None:
+    """A rebalance while a failed batch waits to be retried: the partitions that arrive are
+    paused and rewound; they must be resumed once that batch is over (here: dropped)."""
+    kafka = FakeKafka()
+    kafka.add(IN, 0, b"a", b"b")
+    kafka.add(IN, 1, b"c")
+    failures = iter([ValueError("flaky")] * 2)
+
+    def fail(_: Sequence[Any]) -> None:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+
+    everything = [(IN, 0), (IN, 1)]
+    kafka.on_poll = [lambda c: None, lambda c: None, lambda c: c.rebalance(everything, everything)]
+    handler = EchoHandler(fail)
+    loop = make_loop(kafka, handler)
+    Running(loop).until(committed_everything(kafka))
+    [consumer] = kafka.consumers
+    assert consumer.paused == set() and loop.paused == []
+    assert set(kafka.values()) == {b"a", b"b", b"c"}
+
+
+def test_health_says_paused_only_while_the_circuit_is_open() -> None:
+    kafka = FakeKafka()
+    kafka.add(IN, 0, b"a")
+    kafka.add(IN, 1, b"b")
+    release = threading.Event()
+    seen: list[tuple[CircuitState, list[str]]] = []
+    loop: TransactionalLoop
+
+    def fail(_: Sequence[Any]) -> None:
+        seen.append((handler.breaker.state, loop.paused))
+        if not release.is_set():
+            raise TransientError("db down")
+
+    handler = EchoHandler(fail)
+    loop = make_loop(kafka, handler)
+    running = Running(loop)
+    deadline = time.monotonic() + 5
+    while len(seen) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen[-1] == (CircuitState.OPEN, [f"{IN}[0]", f"{IN}[1]"])
+    release.set()
+    running.until(committed_everything(kafka))
+    assert (handler.breaker.state, loop.paused) == (CircuitState.CLOSED, [])
