@@ -150,6 +150,8 @@ class LoopStats:
     messages: int = 0
     batches: int = 0
     rewinds: int = 0
+    dropped: int = 0
+    """Messages in hand dropped because their partition was revoked."""
     counts: Counter[str] = field(default_factory=Counter)
     seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     """Time spent handling batches and in Kafka transactions."""
@@ -203,7 +205,10 @@ class TransactionalLoop:
         """While this says True, keep adding what arrives to the batch (up to ``hold_ms``)."""
         self.hold_ms = 0
         self._stop = threading.Event()
-        self._revoked: set[tuple[str, int]] = set()
+        self._owned: set[tuple[str, int]] = set()
+        """The partitions assigned to this member now."""
+        self._in_hand: list[Message] = []
+        """The batch being gathered or handled; a revocation removes its partitions' messages."""
         self._paused: set[tuple[str, int]] = set()
         """Partitions this loop paused; every path out of a batch resumes them."""
         self._txn_since: float | None = None
@@ -248,7 +253,7 @@ class TransactionalLoop:
 
     def _on_assign(self, consumer: ConsumerLike, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
-            self._revoked.discard((tp.topic, tp.partition))
+            self._owned.add((tp.topic, tp.partition))
             if tp.partition in self.start_offsets:
                 tp.offset = self.start_offsets.pop(tp.partition)
         consumer.assign(partitions)
@@ -259,10 +264,15 @@ class TransactionalLoop:
         self.assigned.set()
 
     def _on_revoke(self, consumer: ConsumerLike, partitions: list[TopicPartition]) -> None:
-        # Called inside poll/consume, so no batch of these partitions is being written now;
-        # a batch held back by an outage is dropped (the next owner redoes it).
-        self._revoked.update((tp.topic, tp.partition) for tp in partitions)
-        self._paused.difference_update((tp.topic, tp.partition) for tp in partitions)
+        # Called inside poll/consume, so no batch is being written now. The messages of these
+        # partitions in hand are dropped: their next owner (maybe this member again, from the
+        # committed offsets) handles them; nothing of theirs is produced or committed here.
+        gone = {(tp.topic, tp.partition) for tp in partitions}
+        self._owned -= gone
+        self._paused -= gone
+        kept = [m for m in self._in_hand if (m.topic(), m.partition()) not in gone]
+        self.stats.dropped += len(self._in_hand) - len(kept)
+        self._in_hand = kept
         self._partitions_changed()
         log.debug(
             "%s: revoked %s", self.handler.name, [(tp.topic, tp.partition) for tp in partitions]
@@ -293,7 +303,7 @@ class TransactionalLoop:
                     ):
                         break
                     continue
-                producer = self._run_batch(consumer, producer, messages)
+                producer = self._run_batch(consumer, producer)
                 self.idle_since = time.monotonic()
         except _Stopping:
             pass  # asked to stop while waiting for Kafka: nothing was in flight
@@ -308,23 +318,33 @@ class TransactionalLoop:
         """Wait (briefly) for one message, then take what else has arrived, up to a batch.
 
         A quiet stream gets small batches at once (low latency); a busy one gets full batches,
-        since the client fetches the next messages while the last batch is handled.
+        since the client fetches the next messages while the last batch is handled. The batch
+        is gathered in ``_in_hand``, so that a revocation served by a later call removes the
+        messages of the revoked partitions already taken.
         """
+        self._in_hand = []
         first = consumer.poll(0.25)
         if first is None:
             return []
+        self._take([first])
         limit = self.settings.batch_size
-        batch = [first, *(consumer.consume(limit - 1, 0) if limit > 1 else [])]
+        if limit > 1:
+            self._take(consumer.consume(limit - 1, 0))
         if self.hold is not None and self.hold_ms > 0:
             deadline = time.monotonic() + self.hold_ms / 1000
             while (
-                len(batch) < limit
+                len(self._in_hand) < limit
                 and self.hold()
                 and time.monotonic() < deadline
                 and not self._stop.is_set()
             ):
-                batch += consumer.consume(limit - len(batch), 0.002)
-        return [m for m in batch if self._ok(m)]
+                self._take(consumer.consume(limit - len(self._in_hand), 0.002))
+        return list(self._in_hand)
+
+    def _take(self, messages: Sequence[Message]) -> None:
+        self._in_hand += [
+            m for m in messages if self._ok(m) and (m.topic(), m.partition()) in self._owned
+        ]
 
     def _watch(self) -> None:
         limit = 3 * self.settings.kafka_timeout_seconds + 10
@@ -363,26 +383,28 @@ class TransactionalLoop:
                     raise _Stopping from exc
                 time.sleep(breaker.failed(exc))
 
-    def _run_batch(
-        self, consumer: ConsumerLike, producer: ProducerLike, messages: list[Message]
-    ) -> ProducerLike:
+    def _run_batch(self, consumer: ConsumerLike, producer: ProducerLike) -> ProducerLike:
+        """Handle and commit the batch in hand; returns the producer to use next."""
         began = time.perf_counter()
         self.busy = True
         try:
-            handled = self._handle_with_retries(consumer, messages)
+            result = self._handle_with_retries(consumer)
         finally:
             self.busy = False
-        self.stats.seconds["handle"] += time.perf_counter() - began
-        if handled is None:
-            self._rewind(consumer, messages)
+            self.stats.seconds["handle"] += time.perf_counter() - began
+        if result is None:
+            self._rewind(consumer, self._in_hand)
+            self._in_hand = []
             return producer
+        handled, messages = result
+        self._in_hand = []
         txn_started = self._txn_since = time.monotonic()
         try:
             producer.begin_transaction()
             for out in handled.outputs:
                 self._produce(producer, out)
             producer.send_offsets_to_transaction(
-                _next_offsets(messages),
+                [tp for tp in _next_offsets(messages) if (tp.topic, tp.partition) in self._owned],
                 consumer.consumer_group_metadata(),
                 self.settings.kafka_timeout_seconds,
             )
@@ -436,42 +458,42 @@ class TransactionalLoop:
         """Seek back to the batch's first offsets (partitions still ours) to redo it."""
         self.stats.rewinds += 1
         for tp in _first_offsets(messages):
-            if (tp.topic, tp.partition) in self._revoked:
+            if (tp.topic, tp.partition) not in self._owned:
                 continue
             try:
                 consumer.seek(tp)
             except KafkaException as exc:
                 log.warning("%s: cannot rewind %s: %s", self.handler.name, tp, exc)
 
-    def _still_ours(self, messages: Sequence[Message]) -> bool:
-        return not any((m.topic(), m.partition()) in self._revoked for m in messages)
-
-    def _handle_with_retries(
-        self, consumer: ConsumerLike, messages: list[Message]
-    ) -> Handled | None:
-        """The handler's result; None when the batch must be dropped (revoked or stopping).
+    def _handle_with_retries(self, consumer: ConsumerLike) -> tuple[Handled, list[Message]] | None:
+        """The handler's result and the messages it covers (those of the batch in hand whose
+        partitions are still ours); None when the batch must be dropped (stopping, or every
+        partition of it revoked while it waited to be retried).
 
         Whichever way the batch ends, the partitions paused meanwhile are resumed: after a
         success the circuit is closed, and a dropped batch is read again from its owner's
         committed offsets.
         """
         try:
-            return self._handle_paused(consumer, messages)
+            return self._handle_paused(consumer)
         finally:
             self._resume(consumer)
 
-    def _handle_paused(self, consumer: ConsumerLike, messages: list[Message]) -> Handled | None:
+    def _handle_paused(self, consumer: ConsumerLike) -> tuple[Handled, list[Message]] | None:
         breaker = self.handler.breaker
         failures = 0
         while True:
+            messages = list(self._in_hand)  # a wait may have dropped some (revoked)
+            if not messages:
+                return None
             try:
                 handled = self.handler.handle(messages)
                 breaker.succeeded()
-                return handled
+                return handled, messages
             except TransientError as exc:
                 delay = breaker.failed(exc)
                 self._pause(consumer, consumer.assignment())
-                if not self._wait(consumer, delay, messages):
+                if not self._wait(consumer, delay):
                     return None
             except Exception as exc:
                 failures += 1
@@ -480,12 +502,13 @@ class TransactionalLoop:
                     self.handler.name, failures, exc,
                 )  # fmt: skip
                 if failures < self.settings.max_attempts:
-                    if not self._wait(consumer, 0.2 * failures, messages):
+                    if not self._wait(consumer, 0.2 * failures):
                         return None
                     continue
-                return self._one_by_one(consumer, messages)
+                alone = self._one_by_one(messages)
+                return None if alone is None else (alone, messages)
 
-    def _one_by_one(self, consumer: ConsumerLike, messages: list[Message]) -> Handled | None:
+    def _one_by_one(self, messages: list[Message]) -> Handled | None:
         """Handle each message alone; dead-letter those that still fail."""
         merged = Handled(outputs=[])
         hooks: list[Callable[[], None]] = []
@@ -513,8 +536,6 @@ class TransactionalLoop:
                 if handled.on_commit:
                     hooks.append(handled.on_commit)
                 break
-        if not self._still_ours(messages):
-            return None
 
         def run_hooks() -> None:
             for hook in hooks:
@@ -523,8 +544,11 @@ class TransactionalLoop:
         merged.on_commit = run_hooks
         return merged
 
-    def _wait(self, consumer: ConsumerLike, delay: float, messages: Sequence[Message]) -> bool:
-        """Sleep ``delay`` while serving the group; False if the batch must be dropped."""
+    def _wait(self, consumer: ConsumerLike, delay: float) -> bool:
+        """Sleep ``delay`` while serving the group; False if asked to stop meanwhile.
+
+        A revocation served here removes the revoked partitions' messages from the batch in
+        hand (``_on_revoke``)."""
         deadline = time.monotonic() + delay
         while time.monotonic() < deadline:
             if self._stop.is_set():
@@ -535,4 +559,4 @@ class TransactionalLoop:
                 s = source_of(message)
                 consumer.seek(TopicPartition(s.topic, s.partition, s.offset))
                 self._pause(consumer, [TopicPartition(s.topic, s.partition)])
-        return self._still_ours(messages)
+        return True

@@ -47,6 +47,12 @@ class _Message:
     def error(self) -> None:
         return None
 
+    def topic(self) -> str:
+        return "t"
+
+    def partition(self) -> int:
+        return 0
+
 
 class _Consumer:
     """Hands out messages that 'arrive' at given (virtual) times after the first poll."""
@@ -88,9 +94,11 @@ class _Handler:
 
 
 def _loop(batch_size: int = 100) -> TransactionalLoop:
-    return TransactionalLoop(
+    loop = TransactionalLoop(
         Settings(batch_size=batch_size), _Handler(), topics=["t"], group_id="g"
     )
+    loop._owned = {("t", 0)}  # the partition the stand-in serves is assigned to this member
+    return loop
 
 
 def _batch(loop: TransactionalLoop, consumer: _Consumer) -> list[int]:

@@ -229,3 +229,59 @@ def test_health_says_paused_only_while_the_circuit_is_open() -> None:
     release.set()
     running.until(committed_everything(kafka))
     assert (handler.breaker.state, loop.paused) == (CircuitState.CLOSED, [])
+
+
+# --- revoked means revoked ---
+def _held(kafka: FakeKafka, rebalance: Callable[[Any], None], hold_ms: int = 200) -> Any:
+    """Two partitions in hand, the router-style hold filling the batch, and a rebalance
+    served by the hold's first consume call."""
+    kafka.add(IN, 0, b"a", b"b")
+    kafka.add(IN, 1, b"c")
+    kafka.on_poll = [lambda c: None, lambda c: None, rebalance]
+    handler = EchoHandler()
+    loop = make_loop(kafka, handler)
+    loop.hold, loop.hold_ms = (lambda: True), hold_ms
+    return loop, handler
+
+
+def test_messages_of_a_partition_revoked_while_the_batch_fills_are_not_handled() -> None:
+    kafka = FakeKafka()
+    loop, handler = _held(kafka, lambda c: c.rebalance([(IN, 1)], []))  # p1 went to another
+    Running(loop).until(lambda: kafka.committed.get((IN, 0)) == 2)
+    assert all((1, 0) not in call for call in handler.calls)
+    assert kafka.values() == [b"a", b"b"]
+    assert all((IN, 1) not in offsets for offsets in kafka.commits)
+
+
+def test_a_partition_revoked_and_assigned_again_is_read_again_not_twice() -> None:
+    kafka = FakeKafka()
+    everything = [(IN, 0), (IN, 1)]
+    loop, handler = _held(kafka, lambda c: c.rebalance(everything, everything))
+    Running(loop).until(committed_everything(kafka))
+    assert sorted(kafka.values()) == [b"a", b"b", b"c"]  # each once: the stale copies dropped
+    assert sorted(p_o for call in handler.calls for p_o in call) == [(0, 0), (0, 1), (1, 0)]
+
+
+def test_a_batch_whose_partitions_were_all_revoked_is_dropped_without_committing() -> None:
+    kafka = FakeKafka()
+    loop, handler = _held(kafka, lambda c: c.rebalance([(IN, 0), (IN, 1)], []))
+    Running(loop).until(lambda: bool(kafka.consumers) and kafka.consumers[0].polls > 20)
+    assert handler.calls == [] and kafka.commits == [] and kafka.outputs == []
+
+
+def test_a_partition_revoked_while_a_failed_batch_waits_leaves_the_rest_of_the_batch() -> None:
+    kafka = FakeKafka()
+    kafka.add(IN, 0, b"a", b"b")
+    kafka.add(IN, 1, b"c")
+    failures = iter([TransientError("db down")])
+
+    def fail(_: Sequence[Any]) -> None:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+
+    kafka.on_poll = [lambda c: None, lambda c: None, lambda c: c.rebalance([(IN, 1)], [])]
+    handler = EchoHandler(fail)
+    Running(make_loop(kafka, handler)).until(lambda: kafka.committed.get((IN, 0)) == 2)
+    assert handler.calls[-1] == [(0, 0), (0, 1)]
+    assert kafka.values() == [b"a", b"b"] and all((IN, 1) not in c for c in kafka.commits)
