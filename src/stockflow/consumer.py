@@ -204,6 +204,9 @@ class TransactionalLoop:
         self.hold: Callable[[], bool] | None = None
         """While this says True, keep adding what arrives to the batch (up to ``hold_ms``)."""
         self.hold_ms = 0
+        self.max_messages: int | None = None
+        """Stop once this many input messages are committed (``run(max_messages=)``; another
+        thread may set it while the loop runs)."""
         self._stop = threading.Event()
         self._owned: set[tuple[str, int]] = set()
         """The partitions assigned to this member now."""
@@ -284,8 +287,14 @@ class TransactionalLoop:
             hook()
 
     # --- the loop ---
-    def run(self, *, idle_timeout: float | None = None) -> LoopStats:
-        """Run until stopped, or until no message came for ``idle_timeout`` seconds."""
+    def run(
+        self, *, idle_timeout: float | None = None, max_messages: int | None = None
+    ) -> LoopStats:
+        """Run until stopped, until no message came for ``idle_timeout`` seconds, or until
+        ``max_messages`` input messages are committed (a bounded run: no batch takes more
+        than what is left)."""
+        if max_messages is not None:
+            self.max_messages = max_messages
         consumer = self._consumer_factory(self._consumer_config)
         producer = self._new_producer()
         watchdog = threading.Thread(target=self._watch, name=f"{self.handler.name}-watchdog")
@@ -294,7 +303,7 @@ class TransactionalLoop:
         try:
             consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
             self.idle_since = time.monotonic()
-            while not self._stop.is_set():
+            while not self._stop.is_set() and self._left() != 0:
                 messages = self._next_batch(consumer)
                 if not messages:
                     if (
@@ -327,7 +336,12 @@ class TransactionalLoop:
         if first is None:
             return []
         self._take([first])
-        limit = self.settings.batch_size
+        left = self._left()
+        limit = (
+            self.settings.batch_size
+            if left is None
+            else max(1, min(left, self.settings.batch_size))
+        )
         if limit > 1:
             self._take(consumer.consume(limit - 1, 0))
         if self.hold is not None and self.hold_ms > 0:
@@ -340,6 +354,12 @@ class TransactionalLoop:
             ):
                 self._take(consumer.consume(limit - len(self._in_hand), 0.002))
         return list(self._in_hand)
+
+    def _left(self) -> int | None:
+        """Input messages a bounded run may still commit; None when unbounded."""
+        if self.max_messages is None:
+            return None
+        return max(0, self.max_messages - self.stats.messages)
 
     def _take(self, messages: Sequence[Message]) -> None:
         self._in_hand += [

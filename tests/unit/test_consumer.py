@@ -285,3 +285,16 @@ def test_a_partition_revoked_while_a_failed_batch_waits_leaves_the_rest_of_the_b
     Running(make_loop(kafka, handler)).until(lambda: kafka.committed.get((IN, 0)) == 2)
     assert handler.calls[-1] == [(0, 0), (0, 1)]
     assert kafka.values() == [b"a", b"b"] and all((IN, 1) not in c for c in kafka.commits)
+
+
+# --- bounded runs ---
+def test_a_bounded_run_stops_after_that_many_committed_messages() -> None:
+    kafka = FakeKafka()
+    kafka.add(IN, 0, b"a", b"b", b"c")
+    kafka.add(IN, 1, b"d", b"e")
+    loop = make_loop(kafka, EchoHandler())
+    stats = loop.run(max_messages=3)
+    assert stats.messages == 3 and len(kafka.values()) == 3
+    assert sum(kafka.committed.values()) == 3  # nothing beyond the bound was committed
+    [consumer] = kafka.consumers
+    assert consumer.closed
