@@ -264,8 +264,8 @@ def _supervise(args: list[str]) -> int:
     """Run ``consume --no-supervise ARGS`` and restart it after a crash or a hang."""
     import subprocess
 
-    from stockflow.consumer import EXIT_STUCK
     from stockflow.retry import Backoff
+    from stockflow.watchdog import EXIT_STUCK
 
     stopping = False
     child: subprocess.Popen[bytes] | None = None

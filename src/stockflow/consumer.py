@@ -15,22 +15,23 @@ Both stages of stockflow run this loop with their own handler. For each batch:
 A message that keeps failing for a non-transient reason is retried ``max_attempts`` times,
 then handled alone, and if it still fails, dead-lettered with the reason.
 
-librdkafka's ``send_offsets_to_transaction`` can block forever, past its timeout, when the
-group coordinator went away (librdkafka issues #5456 and #5511, open). No Python code can
-interrupt it, so a watchdog ends the process with ``EXIT_STUCK`` once a transaction step has
-taken far longer than allowed; the supervisor (``stockflow consume``) starts a fresh worker,
-which redoes the uncommitted batch idempotently.
+Every call that could hang has a deadline (``watchdog``): the handler's work on a batch
+(its MongoDB and Redis calls; ``handler_timeout_seconds``) and each Kafka transaction. A call
+past its deadline, or still running ``stop_grace_seconds`` after a stop was asked, ends the
+process with ``EXIT_STUCK`` before anything of the batch is committed; the supervisor
+(``stockflow consume``) starts a fresh worker, and the batch's next owner redoes it
+idempotently.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import traceback
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -41,17 +42,9 @@ from stockflow.config import Settings
 from stockflow.errors import ServiceUnavailableError, TransientError
 from stockflow.outcomes import Headers, source_of
 from stockflow.retry import CircuitBreaker
+from stockflow.watchdog import CallAbandoned, Watchdog, exit_stuck
 
 log = logging.getLogger(__name__)
-
-EXIT_STUCK = 75
-"""Exit status of a worker whose Kafka transaction hung (EX_TEMPFAIL: restart it)."""
-
-
-def _exit_stuck(what: str) -> None:
-    log.critical("%s: exiting (status %d) so that a fresh worker takes over", what, EXIT_STUCK)
-    logging.shutdown()
-    os._exit(EXIT_STUCK)
 
 
 class _Stopping(Exception):
@@ -214,9 +207,11 @@ class TransactionalLoop:
         """The batch being gathered or handled; a revocation removes its partitions' messages."""
         self._paused: set[tuple[str, int]] = set()
         """Partitions this loop paused; every path out of a batch resumes them."""
-        self._txn_since: float | None = None
-        self.on_stuck: Callable[[str], None] = _exit_stuck
-        """Called (from the watchdog thread) when a transaction step hangs."""
+        self.on_stuck: Callable[[str], None] = exit_stuck
+        """Called (from the watchdog thread) when a call hangs (``watchdog``)."""
+        self.transaction_seconds = 3 * settings.kafka_timeout_seconds + 10
+        """Deadline of one Kafka transaction (its calls have ``kafka_timeout_seconds`` each)."""
+        self._watchdog = Watchdog(handler.name)
         client_id = f"stockflow-{handler.name}"
         self._consumer_config = kafka_clients.loop_consumer(
             settings, group_id=group_id, client_id=client_id, **(consumer_config or {})
@@ -227,8 +222,12 @@ class TransactionalLoop:
 
     # --- control ---
     def stop(self) -> None:
-        """Finish or abandon the batch in hand safely, then return from run()."""
+        """Finish or abandon the batch in hand safely, then return from run().
+
+        A call still running ``stop_grace_seconds`` later is given up by the watchdog (by
+        default: the process exits with ``EXIT_STUCK``, nothing of the batch committed)."""
         self._stop.set()
+        self._watchdog.stopping()
 
     @property
     def stopping(self) -> bool:
@@ -295,11 +294,21 @@ class TransactionalLoop:
         than what is left)."""
         if max_messages is not None:
             self.max_messages = max_messages
-        consumer = self._consumer_factory(self._consumer_config)
-        producer = self._new_producer()
-        watchdog = threading.Thread(target=self._watch, name=f"{self.handler.name}-watchdog")
-        watchdog.daemon = True
+        watchdog = self._watchdog = Watchdog(
+            self.handler.name,
+            on_stuck=self.on_stuck,
+            grace_seconds=self.settings.stop_grace_seconds,
+        )
+        if self._stop.is_set():
+            watchdog.stopping()
         watchdog.start()
+        consumer = self._consumer_factory(self._consumer_config)
+        try:
+            producer = self._new_producer()
+        except (_Stopping, CallAbandoned):
+            watchdog.close()
+            consumer.close()
+            return self.stats
         try:
             consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
             self.idle_since = time.monotonic()
@@ -316,12 +325,26 @@ class TransactionalLoop:
                 self.idle_since = time.monotonic()
         except _Stopping:
             pass  # asked to stop while waiting for Kafka: nothing was in flight
+        except CallAbandoned as exc:
+            log.error("%s: batch abandoned, nothing committed (%s)", self.handler.name, exc)
         finally:
-            try:
-                consumer.close()
-            finally:
-                _close_quietly(producer)
+            self._close(consumer, producer)
         return self.stats
+
+    def _close(self, consumer: ConsumerLike, producer: ProducerLike) -> None:
+        watchdog = self._watchdog
+        try:
+            if watchdog.fired is not None:
+                return  # a call hung: closing could hang too, and nothing is left to save
+            with watchdog.deadline("closing the Kafka clients", self.transaction_seconds):
+                try:
+                    consumer.close()
+                finally:
+                    _close_quietly(producer)
+        except CallAbandoned:
+            pass
+        finally:
+            watchdog.close()
 
     def _next_batch(self, consumer: ConsumerLike) -> list[Message]:
         """Wait (briefly) for one message, then take what else has arrived, up to a batch.
@@ -366,17 +389,6 @@ class TransactionalLoop:
             m for m in messages if self._ok(m) and (m.topic(), m.partition()) in self._owned
         ]
 
-    def _watch(self) -> None:
-        limit = 3 * self.settings.kafka_timeout_seconds + 10
-        while not self._stop.wait(1.0):
-            since = self._txn_since
-            if since is not None and time.monotonic() - since > limit:
-                self.on_stuck(
-                    f"{self.handler.name}: a Kafka transaction step hung for over {limit:.0f}s "
-                    "(librdkafka #5456)"
-                )
-                return
-
     def _ok(self, message: Message) -> bool:
         error = message.error()
         if error is None:
@@ -395,7 +407,8 @@ class TransactionalLoop:
         breaker = CircuitBreaker(f"{self.handler.name}: Kafka transactions")
         while True:
             try:
-                producer.init_transactions(self.settings.kafka_timeout_seconds)
+                with self._watchdog.deadline("initialising transactions", self.transaction_seconds):
+                    producer.init_transactions(self.settings.kafka_timeout_seconds)
                 breaker.succeeded()
                 return producer
             except KafkaException as exc:
@@ -418,7 +431,32 @@ class TransactionalLoop:
             return producer
         handled, messages = result
         self._in_hand = []
-        txn_started = self._txn_since = time.monotonic()
+        txn_started = time.monotonic()
+        try:
+            with self._watchdog.deadline("a Kafka transaction", self.transaction_seconds):
+                producer, committed = self._transact(consumer, producer, handled, messages)
+        finally:
+            self.stats.seconds["transaction"] += time.monotonic() - txn_started
+        if not committed:
+            return producer
+        self.stats.messages += len(messages)
+        self.stats.batches += 1
+        self.stats.counts.update(handled.counts)
+        if handled.on_commit is not None:
+            handled.on_commit()
+        return producer
+
+    def _transact(
+        self,
+        consumer: ConsumerLike,
+        producer: ProducerLike,
+        handled: Handled,
+        messages: list[Message],
+    ) -> tuple[ProducerLike, bool]:
+        """Produce the outputs and commit them with the offsets; on failure abort and rewind.
+
+        Returns the producer to use next (a new one when this one cannot go on) and whether
+        the transaction was committed."""
         try:
             producer.begin_transaction()
             for out in handled.outputs:
@@ -429,6 +467,7 @@ class TransactionalLoop:
                 self.settings.kafka_timeout_seconds,
             )
             self._commit(producer)
+            return producer, True
         except KafkaException as exc:
             error = exc.args[0]
             log.warning(
@@ -445,16 +484,7 @@ class TransactionalLoop:
                 producer = self._new_producer()
             self._rewind(consumer, messages)
             time.sleep(0.5)
-            return producer
-        finally:
-            self.stats.seconds["transaction"] += time.monotonic() - txn_started
-            self._txn_since = None
-        self.stats.messages += len(messages)
-        self.stats.batches += 1
-        self.stats.counts.update(handled.counts)
-        if handled.on_commit is not None:
-            handled.on_commit()
-        return producer
+            return producer, False
 
     def _produce(self, producer: ProducerLike, out: Output) -> None:
         while True:
@@ -467,6 +497,7 @@ class TransactionalLoop:
     def _commit(self, producer: ProducerLike) -> None:
         for attempt in range(5):
             try:
+                self._watchdog.check()  # a step hung past its deadline: never commit after it
                 producer.commit_transaction(self.settings.kafka_timeout_seconds)
                 return
             except KafkaException as exc:
@@ -484,6 +515,11 @@ class TransactionalLoop:
                 consumer.seek(tp)
             except KafkaException as exc:
                 log.warning("%s: cannot rewind %s: %s", self.handler.name, tp, exc)
+
+    def _handler_deadline(self) -> AbstractContextManager[None]:
+        return self._watchdog.deadline(
+            f"the {self.handler.name}'s handler", self.settings.handler_timeout_seconds
+        )
 
     def _handle_with_retries(self, consumer: ConsumerLike) -> tuple[Handled, list[Message]] | None:
         """The handler's result and the messages it covers (those of the batch in hand whose
@@ -507,7 +543,8 @@ class TransactionalLoop:
             if not messages:
                 return None
             try:
-                handled = self.handler.handle(messages)
+                with self._handler_deadline():
+                    handled = self.handler.handle(messages)
                 breaker.succeeded()
                 return handled, messages
             except TransientError as exc:
@@ -535,7 +572,8 @@ class TransactionalLoop:
         for message in messages:
             for attempt in range(1, self.settings.max_attempts + 1):
                 try:
-                    handled = self.handler.handle([message])
+                    with self._handler_deadline():
+                        handled = self.handler.handle([message])
                 except TransientError as exc:
                     self.handler.breaker.failed(exc)
                     return None  # redo the whole batch once the outage is over

@@ -6,9 +6,15 @@ loops' real runs against Kafka are covered by the integration and chaos suites.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +25,7 @@ from stockflow.consumer import Handled, Output, TransactionalLoop
 from stockflow.errors import TransientError
 from stockflow.outcomes import dead_letter_headers, header_map, source_of
 from stockflow.retry import Backoff, CircuitBreaker, CircuitState
+from stockflow.watchdog import EXIT_STUCK
 from tests.unit.kafka_fakes import FakeKafka, abortable
 
 IN = "in"
@@ -298,3 +305,125 @@ def test_a_bounded_run_stops_after_that_many_committed_messages() -> None:
     assert sum(kafka.committed.values()) == 3  # nothing beyond the bound was committed
     [consumer] = kafka.consumers
     assert consumer.closed
+
+
+# --- every call has a deadline ---
+class Hanging(EchoHandler):
+    """A handler whose call hangs (a MongoDB call on a half-open connection) until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def handle(self, messages: Sequence[Any]) -> Handled:
+        self.entered.set()
+        self.release.wait(30)
+        return super().handle(messages)
+
+
+def _stuck_loop(kafka: FakeKafka, handler: EchoHandler, **settings: Any) -> tuple[Any, list[str]]:
+    loop = make_loop(kafka, handler, **settings)
+    stuck: list[str] = []
+    loop.on_stuck = stuck.append
+    return loop, stuck
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float) -> float:
+    began = time.monotonic()
+    while not condition():
+        assert time.monotonic() - began < timeout, "not reached in time"
+        time.sleep(0.01)
+    return time.monotonic() - began
+
+
+def test_a_hung_handler_call_ends_the_worker_and_nothing_of_its_batch_is_committed() -> None:
+    kafka = FakeKafka()
+    kafka.add(IN, 0, b"a")
+    handler = Hanging()
+    loop, stuck = _stuck_loop(kafka, handler, handler_timeout_seconds=0.3)
+    running = Running(loop)
+    _wait_for(lambda: bool(stuck), 5)
+    assert "handler" in stuck[0] and "0.3s" in stuck[0]
+    handler.release.set()  # the call returns after all: too late, the batch was given up
+    running.thread.join(5)
+    assert not running.thread.is_alive() and running.error is None
+    assert kafka.commits == [] and kafka.outputs == []
+
+
+def test_a_stop_during_a_hung_call_ends_the_worker_within_the_grace_period() -> None:
+    kafka = FakeKafka()
+    kafka.add(IN, 0, b"a")
+    handler = Hanging()
+    loop, stuck = _stuck_loop(kafka, handler, stop_grace_seconds=0.5)
+    running = Running(loop)
+    assert handler.entered.wait(5)
+    loop.stop()
+    took = _wait_for(lambda: bool(stuck), 5)
+    assert 0.4 < took < 2 and "asked to stop" in stuck[0]
+    handler.release.set()
+    running.thread.join(5)
+    assert kafka.commits == [] and kafka.outputs == []
+
+
+def test_a_hung_transaction_step_ends_the_worker() -> None:
+    kafka = FakeKafka()
+    kafka.add(IN, 0, b"a")
+    release = threading.Event()
+    kafka.producer_script = lambda p: p.hang.update(send_offsets_to_transaction=release)
+    loop, stuck = _stuck_loop(kafka, EchoHandler())
+    loop.transaction_seconds = 0.3
+    running = Running(loop)
+    _wait_for(lambda: bool(stuck), 5)
+    assert "Kafka transaction" in stuck[0]
+    release.set()
+    running.thread.join(5)
+    assert kafka.commits == []
+
+
+def test_sigterm_ends_a_worker_process_whose_handler_hangs(tmp_path: Path) -> None:
+    """The real exit: a process running the loop gets SIGTERM while its handler hangs."""
+    script = tmp_path / "hang.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import signal, sys, threading
+            from stockflow.config import Settings
+            from stockflow.consumer import TransactionalLoop
+            from tests.unit.kafka_fakes import FakeKafka
+            from tests.unit.test_consumer import Hanging
+
+            kafka = FakeKafka()
+            kafka.add("in", 0, b"a")
+            handler = Hanging()
+            handler.release = threading.Event()  # never set
+            loop = TransactionalLoop(
+                Settings(stop_grace_seconds=1), handler, topics=["in"], group_id="g",
+                consumer_factory=kafka.consumer, producer_factory=kafka.producer,
+            )
+            signal.signal(signal.SIGTERM, lambda *_: loop.stop())
+            threading.Thread(target=loop.run, daemon=True).start()
+            handler.entered.wait(10)
+            print("hung", flush=True)
+            while True:
+                signal.pause()
+            """
+        )
+    )
+    root = Path(__file__).parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
+    with subprocess.Popen(
+        [sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as child:
+        try:
+            assert child.stdout is not None and child.stdout.readline() == b"hung\n"
+            began = time.monotonic()
+            child.send_signal(signal.SIGTERM)
+            _, stderr = child.communicate(timeout=10)
+            took = time.monotonic() - began
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.communicate()
+    assert child.returncode == EXIT_STUCK and took < 5, (child.returncode, took, stderr)
+    assert b"asked to stop" in stderr
