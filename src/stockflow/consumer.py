@@ -25,6 +25,7 @@ idempotently.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -40,11 +41,39 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from stockflow import kafka_clients
 from stockflow.config import Settings
 from stockflow.errors import ServiceUnavailableError, TransientError
-from stockflow.outcomes import Headers, source_of
+from stockflow.outcomes import (
+    H_REASON,
+    Headers,
+    Source,
+    dead_letter_headers,
+    dead_letter_source,
+    header_map,
+    source_of,
+)
 from stockflow.retry import CircuitBreaker
 from stockflow.watchdog import CallAbandoned, Watchdog, exit_stuck
 
 log = logging.getLogger(__name__)
+
+
+UNPRODUCIBLE = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.INVALID_MSG,
+        KafkaError.INVALID_MSG_SIZE,
+    }
+)
+"""Errors that say a record can never be produced as it is (not that Kafka is unavailable)."""
+H_ORIGINAL_TOPIC = "stockflow.dlq.original.topic"
+H_ORIGINAL_SIZE = "stockflow.dlq.original.size"
+H_ORIGINAL_SHA256 = "stockflow.dlq.original.sha256"
+
+
+def _size(out: Output) -> int:
+    headers = sum(len(k) + len(v or b"") for k, v in out.headers or [])
+    return len(out.value or b"") + len(out.key or b"") + headers
 
 
 class _Stopping(Exception):
@@ -68,6 +97,9 @@ class Output:
     value: bytes | None
     key: bytes | None = None
     headers: Headers | None = None
+    source: Source | None = None
+    """The input message it comes from, if one: named by the loop's own dead letter should
+    this output be impossible to produce (a dead letter's source headers also name it)."""
 
 
 @dataclass
@@ -126,6 +158,7 @@ class ProducerLike(Protocol):
         key: bytes | None = None,
         *,
         headers: Headers | None = None,
+        on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
     ) -> None: ...
     def send_offsets_to_transaction(
         self, positions: list[TopicPartition], group_metadata: object, timeout: float
@@ -145,6 +178,8 @@ class LoopStats:
     rewinds: int = 0
     dropped: int = 0
     """Messages in hand dropped because their partition was revoked."""
+    unproducible: int = 0
+    """Outputs replaced by the loop's dead letter because they could not be produced."""
     counts: Counter[str] = field(default_factory=Counter)
     seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     """Time spent handling batches and in Kafka transactions."""
@@ -455,44 +490,139 @@ class TransactionalLoop:
     ) -> tuple[ProducerLike, bool]:
         """Produce the outputs and commit them with the offsets; on failure abort and rewind.
 
-        Returns the producer to use next (a new one when this one cannot go on) and whether
-        the transaction was committed."""
-        try:
-            producer.begin_transaction()
-            for out in handled.outputs:
-                self._produce(producer, out)
-            producer.send_offsets_to_transaction(
-                [tp for tp in _next_offsets(messages) if (tp.topic, tp.partition) in self._owned],
-                consumer.consumer_group_metadata(),
-                self.settings.kafka_timeout_seconds,
-            )
-            self._commit(producer)
-            return producer, True
-        except KafkaException as exc:
-            error = exc.args[0]
-            log.warning(
-                "%s: transaction failed (%s); rewinding %d message(s)",
-                self.handler.name, error.str(), len(messages),
-            )  # fmt: skip
-            if error.txn_requires_abort():
-                try:
-                    producer.abort_transaction(self.settings.kafka_timeout_seconds)
-                except KafkaException as abort_exc:
-                    log.warning("%s: abort failed: %s", self.handler.name, abort_exc)
-                    producer = self._new_producer()
-            else:
+        An output the producer refuses (too large) or the broker rejects is replaced by the
+        loop's own small dead letter and the transaction tried again at once (without handling
+        the batch again): nothing a handler returns can stall a partition. Returns the producer
+        to use next (a new one when this one cannot go on) and whether the transaction was
+        committed.
+        """
+        outputs = list(handled.outputs)
+        alone: set[int] = set()
+        """Outputs rejected in a request with others: each is sent alone for its own verdict."""
+        for _ in range(2 * len(outputs) + 1):  # each failed round replaces or isolates some
+            rejected: dict[int, str] = {}
+            try:
+                self._produce_all(producer, outputs, alone, rejected)
+                producer.send_offsets_to_transaction(
+                    self._owned_offsets(messages),
+                    consumer.consumer_group_metadata(),
+                    self.settings.kafka_timeout_seconds,
+                )
+                self._commit(producer)
+                return producer, True
+            except KafkaException as exc:
+                error = exc.args[0]
+                log.warning(
+                    "%s: transaction failed (%s); %s %d message(s)",
+                    self.handler.name, error.str(),
+                    "retrying" if rejected else "rewinding", len(messages),
+                )  # fmt: skip
+                producer = self._abort(producer, error)
+                if not rejected:
+                    break
+                # The rejected records took sequence numbers the broker never stored: the
+                # producer's next transaction would fail (OUT_OF_ORDER_SEQUENCE_NUMBER).
+                _close_quietly(producer)
                 producer = self._new_producer()
-            self._rewind(consumer, messages)
-            time.sleep(0.5)
-            return producer, False
+                # A request is rejected whole: only an output sent alone, or rejected alone,
+                # is known to be the one at fault; the others are tried alone next time.
+                guilty = {i for i in rejected if i in alone or len(rejected) == 1}
+                for index in guilty:
+                    outputs[index] = self._unproducible(outputs[index], rejected[index])
+                alone = (alone | set(rejected)) - guilty
+        self._rewind(consumer, messages)
+        time.sleep(0.5)
+        return producer, False
 
-    def _produce(self, producer: ProducerLike, out: Output) -> None:
+    def _produce_all(
+        self,
+        producer: ProducerLike,
+        outputs: list[Output],
+        alone: set[int],
+        rejected: dict[int, str],
+    ) -> None:
+        """Begin the transaction and produce ``outputs`` (replacing those refused at once);
+        the ``alone`` ones each in a request of its own."""
+        producer.begin_transaction()
+        timeout = self.settings.kafka_timeout_seconds
+        for index, out in enumerate(outputs):
+            if index in alone:
+                producer.flush(timeout)
+            outputs[index] = self._produce(producer, out, rejected, index)
+            if index in alone:
+                producer.flush(timeout)
+                if index in rejected:
+                    raise KafkaException(
+                        KafkaError(KafkaError._STATE, rejected[index], txn_requires_abort=True)
+                    )
+
+    def _owned_offsets(self, messages: Sequence[Message]) -> list[TopicPartition]:
+        """The offsets to commit after ``messages``, for the partitions still owned."""
+        owned = self._owned
+        return [tp for tp in _next_offsets(messages) if (tp.topic, tp.partition) in owned]
+
+    def _abort(self, producer: ProducerLike, error: KafkaError) -> ProducerLike:
+        """Abort the failed transaction; a producer that cannot is replaced."""
+        if error.txn_requires_abort():
+            try:
+                producer.poll(0)  # serve the delivery reports that name rejected outputs
+                producer.abort_transaction(self.settings.kafka_timeout_seconds)
+                return producer
+            except KafkaException as abort_exc:
+                log.warning("%s: abort failed: %s", self.handler.name, abort_exc)
+        return self._new_producer()
+
+    def _produce(
+        self, producer: ProducerLike, out: Output, rejected: dict[int, str], index: int
+    ) -> Output:
+        """Produce ``out`` (or, if it is refused, its dead letter); returns what was produced.
+
+        A rejection by the broker comes later, in the delivery report: it is noted in
+        ``rejected`` under ``index`` and fails the transaction."""
+
+        def delivered(error: KafkaError | None, _: Message) -> None:
+            if error is not None and error.code() in UNPRODUCIBLE:
+                rejected[index] = f"rejected by the broker: {error.str()}"
+
+        replaced = False
         while True:
             try:
-                producer.produce(out.topic, out.value, out.key, headers=out.headers)
-                return
+                producer.produce(
+                    out.topic, out.value, out.key, headers=out.headers, on_delivery=delivered
+                )
+                return out
             except BufferError:
                 producer.poll(0.05)
+            except KafkaException as exc:
+                if exc.args[0].code() not in UNPRODUCIBLE or replaced:
+                    raise  # not about this record, or even its small dead letter is refused
+                limit = self._producer_config.get("message.max.bytes", 1_000_000)
+                out = self._unproducible(out, f"{_size(out)} bytes > limit {limit}")
+                replaced = True
+
+    def _unproducible(self, out: Output, why: str) -> Output:
+        """The loop's last-resort dead letter of an output that cannot be produced: the reason,
+        the source position, the original's topic, size and sha256 digest; no payload."""
+        value = out.value or b""
+        source = out.source or dead_letter_source(out.headers)
+        reason = f"output too large or rejected: {why}"
+        earlier = header_map(out.headers).get(H_REASON)
+        if earlier:
+            reason += f"; it was a dead letter: {earlier}"
+        headers: Headers = (
+            dead_letter_headers(reason, source) if source is not None else [(H_REASON, reason)]
+        )
+        headers += [
+            (H_ORIGINAL_TOPIC, out.topic),
+            (H_ORIGINAL_SIZE, str(len(value))),
+            (H_ORIGINAL_SHA256, hashlib.sha256(value).hexdigest()),
+        ]
+        log.error(
+            "%s: an output to %s from %s cannot be produced (%s); dead-lettered without its "
+            "payload", self.handler.name, out.topic, source or "an unknown source", why,
+        )  # fmt: skip
+        self.stats.unproducible += 1
+        return Output(self.settings.dlq_topic, None, key=out.key, headers=headers, source=source)
 
     def _commit(self, producer: ProducerLike) -> None:
         for attempt in range(5):

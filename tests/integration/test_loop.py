@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from stockflow.config import Settings
+from stockflow.consumer import Handled, LoopStats, Output, TransactionalLoop
 from stockflow.orders import Order
+from stockflow.outcomes import Source, dead_letter_source, header_map, source_of
 from stockflow.pipeline import Pipeline
 from stockflow.producer import OrderProducer
+from stockflow.retry import CircuitBreaker
+from stockflow.topics import create_topic, delete_topics
 from stockflow.worker import Worker, WorkerStats
+from tests.integration.conftest import read_topic
 
 
 def test_a_bounded_worker_run_commits_that_many_orders_and_applies_them(
@@ -29,3 +41,75 @@ def test_a_bounded_worker_run_commits_that_many_orders_and_applies_them(
     [stats] = result
     assert (stats.router.messages, stats.applier.messages) == (5, 5)
     assert pipeline.inventory.stock_of(101) == 95
+
+
+class Inflating:
+    """Echoes each input to ``out``; the input ``big`` becomes an output of ``size`` bytes."""
+
+    name = "inflating"
+
+    def __init__(self, out: str, size: int) -> None:
+        self.out = out
+        self.size = size
+        self.breaker = CircuitBreaker("inflating")
+
+    def handle(self, messages: Sequence[Any]) -> Handled:
+        return Handled(
+            [
+                Output(
+                    self.out,
+                    b"z" * self.size if m.value() == b"big" else m.value(),
+                    source=source_of(m),
+                )
+                for m in messages
+            ]
+        )
+
+    def dead_letter(self, message: Any, reason: str, attempts: int) -> Output:
+        raise AssertionError(f"not expected: {reason}")
+
+
+@pytest.mark.parametrize(
+    ("refused_by", "size", "topic_limit"),
+    [("the producer", 1_500_000, None), ("the broker", 300_000, 100_000)],
+)
+def test_an_output_that_cannot_be_produced_is_dead_lettered_and_its_neighbours_pass(
+    settings: Settings, refused_by: str, size: int, topic_limit: int | None
+) -> None:
+    out = f"{settings.topic}.out"
+    config = {"max.message.bytes": str(topic_limit)} if topic_limit else {}
+    admin = AdminClient(settings.kafka_config())
+    futures = admin.create_topics(
+        [NewTopic(out, num_partitions=1, replication_factor=1, config=config)]
+    )
+    futures[out].result(30)
+    create_topic(settings, settings.dlq_topic)
+    try:
+        with OrderProducer(settings) as producer:
+            for value in (b"a", b"big", b"c", b"d"):
+                producer.send_raw(value)
+        loop = TransactionalLoop(
+            settings, Inflating(out, size), topics=[settings.topic], group_id=settings.group_id
+        )
+        result: list[LoopStats] = []
+        thread = threading.Thread(target=lambda: result.append(loop.run(max_messages=4)))
+        began = time.monotonic()
+        thread.start()
+        thread.join(30)
+        took = time.monotonic() - began
+        if thread.is_alive():
+            loop.stop()
+            thread.join(30)
+        assert result and result[0].messages == 4, f"stalled: {loop.stats}"
+        assert took < 15, f"{took:.1f}s"
+        assert [m.value() for m in read_topic(settings, out)] == [b"a", b"c", b"d"]  # type: ignore[attr-defined]
+        [letter] = read_topic(settings, settings.dlq_topic)
+        headers = header_map(letter.headers())  # type: ignore[attr-defined]
+        assert letter.value() in (None, b"")  # type: ignore[attr-defined]
+        assert dead_letter_source(letter.headers()) == Source(settings.topic, 0, 1)  # type: ignore[attr-defined]
+        assert "too large or rejected" in headers["stockflow.dlq.reason"]
+        assert headers["stockflow.dlq.original.size"] == str(size)
+        digest = hashlib.sha256(b"z" * size).hexdigest()
+        assert headers["stockflow.dlq.original.sha256"] == digest
+    finally:
+        delete_topics(settings, [out])

@@ -225,7 +225,10 @@ class FakeProducer:
         self.hang: dict[str, threading.Event] = {}
         """Step name -> event the step waits for (a hung call)."""
         self.delivery_errors: Callable[[Produced], KafkaError | None] | None = None
-        """A broker-side rejection of an output: its delivery report fails, the commit too."""
+        """A broker-side rejection of an output: the delivery reports of every output sent in
+        the same request fail, and so does the commit."""
+        self.unsent: list[tuple[Produced, Any]] = []
+        self.rejected = False
 
     def _maybe_hang(self, step: str) -> None:
         if step in self.hang:
@@ -237,6 +240,7 @@ class FakeProducer:
     def begin_transaction(self) -> None:
         assert not self.in_txn, "begin inside a transaction"
         self.in_txn, self.pending, self.offsets = True, [], {}
+        self.unsent, self.rejected = [], False
 
     def produce(
         self,
@@ -248,16 +252,27 @@ class FakeProducer:
         on_delivery: Callable[[KafkaError | None, Any], None] | None = None,
     ) -> None:
         assert self.in_txn, "produce outside a transaction"
+        if self.rejected:
+            raise abortable("the transaction failed: a record was rejected")
         if self.fail_produce is not None:
             error = self.fail_produce(topic, value)
             if error is not None:
                 raise error
         out = Produced(topic, value, key, headers)
         self.pending.append(out)
-        if self.delivery_errors is not None:
-            rejected = self.delivery_errors(out)
-            if rejected is not None and on_delivery is not None:
-                on_delivery(rejected, FakeMessage(topic, 0, -1, value or b"", headers))
+        self.unsent.append((out, on_delivery))
+
+    def _send(self) -> bool:
+        """Send what was produced since the last send as one request: the broker accepts or
+        rejects it whole, as Kafka does a record batch. False if it was rejected."""
+        request, self.unsent = self.unsent, []
+        errors = [self.delivery_errors(out) for out, _ in request] if self.delivery_errors else []
+        error = next((e for e in errors if e is not None), None)
+        for out, on_delivery in request:
+            if on_delivery is not None:
+                on_delivery(error, FakeMessage(out.topic, 0, -1, out.value or b"", out.headers))
+        self.rejected = self.rejected or error is not None
+        return error is None
 
     def send_offsets_to_transaction(
         self, positions: list[TopicPartition], group_metadata: object, timeout: float
@@ -271,9 +286,8 @@ class FakeProducer:
         self._maybe_hang("commit_transaction")
         if self.fail_commit:
             raise self.fail_commit.pop(0)
-        if self.delivery_errors is not None and any(
-            self.delivery_errors(out) is not None for out in self.pending
-        ):
+        self._send()
+        if self.rejected:
             raise abortable("a record was rejected")
         self.kafka.outputs += self.pending
         self.kafka.committed.update(self.offsets)
@@ -285,9 +299,12 @@ class FakeProducer:
         if self.fail_abort:
             raise self.fail_abort.pop(0)
         self.in_txn, self.pending, self.offsets = False, [], {}
+        self.unsent, self.rejected = [], False
 
     def poll(self, timeout: float) -> int:
         return 0
 
     def flush(self, timeout: float) -> int:
+        if self.in_txn:
+            self._send()
         return 0

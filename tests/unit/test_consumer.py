@@ -6,6 +6,7 @@ loops' real runs against Kafka are covered by the integration and chaos suites.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -48,7 +49,7 @@ class EchoHandler:
             self.fail(messages)
         n = len(messages)
         return Handled(
-            [Output("out", m.value()) for m in messages],
+            [Output("out", m.value(), source=source_of(m)) for m in messages],
             on_commit=lambda: self.committed.append(n),
         )
 
@@ -58,7 +59,15 @@ class EchoHandler:
 
 
 def make_loop(kafka: FakeKafka, handler: EchoHandler, **settings: Any) -> TransactionalLoop:
-    s = Settings(**{"batch_size": 100, "max_attempts": 3, "kafka_timeout_seconds": 1, **settings})
+    s = Settings(
+        **{
+            "batch_size": 100,
+            "max_attempts": 3,
+            "kafka_timeout_seconds": 1,
+            "dlq_topic_name": "dlq",
+            **settings,
+        }
+    )
     loop = TransactionalLoop(
         s,
         handler,
@@ -427,3 +436,54 @@ def test_sigterm_ends_a_worker_process_whose_handler_hangs(tmp_path: Path) -> No
                 child.communicate()
     assert child.returncode == EXIT_STUCK and took < 5, (child.returncode, took, stderr)
     assert b"asked to stop" in stderr
+
+
+# --- outputs that cannot be produced ---
+TOO_LARGE = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "Broker: Message size too large")
+
+
+def _too_large_letter(kafka: FakeKafka, big: bytes, offset: int) -> None:
+    [letter] = [o for o in kafka.outputs if o.topic == "dlq"]
+    headers = header_map(letter.headers)
+    assert letter.value is None  # nothing of the payload: it is what did not fit
+    assert "too large" in headers["stockflow.dlq.reason"]
+    assert headers["stockflow.dlq.original.size"] == str(len(big))
+    assert headers["stockflow.dlq.original.sha256"] == hashlib.sha256(big).hexdigest()
+    assert headers["stockflow.dlq.original.topic"] == "out"
+    assert (headers["stockflow.dlq.source.topic"], headers["stockflow.dlq.source.offset"]) == (
+        IN,
+        str(offset),
+    )
+
+
+def test_an_output_too_large_to_produce_becomes_a_small_dead_letter_and_its_neighbours_pass() -> (
+    None
+):
+    big = b"x" * 5000
+    kafka = FakeKafka()
+    kafka.add(IN, 0, b"a", big, b"c")
+    kafka.producer_script = lambda p: setattr(
+        p, "fail_produce", lambda t, v: KafkaException(TOO_LARGE) if len(v or b"") > 1000 else None
+    )
+    handler = EchoHandler()
+    Running(make_loop(kafka, handler)).until(committed_everything(kafka), timeout=5)
+    assert kafka.values("out") == [b"a", b"c"] and len(kafka.commits) == 1
+    _too_large_letter(kafka, big, 1)
+    assert len(handler.calls) == 1  # not handled again: the transaction went through at once
+
+
+def test_an_output_the_broker_rejects_becomes_a_dead_letter_and_its_neighbours_pass() -> None:
+    big = b"y" * 5000
+    kafka = FakeKafka()
+    kafka.add(IN, 0, b"a", big, b"c")
+    kafka.producer_script = lambda p: setattr(
+        p, "delivery_errors", lambda out: TOO_LARGE if out.value == big else None
+    )
+    handler = EchoHandler()
+    Running(make_loop(kafka, handler)).until(committed_everything(kafka), timeout=5)
+    assert kafka.values("out") == [b"a", b"c"] and len(kafka.commits) == 1
+    # All three rejected together, then each alone; a producer with rejected records is
+    # replaced (its sequence numbers went astray).
+    assert [p.aborts for p in kafka.producers] == [1, 1, 0]
+    assert len(handler.calls) == 1  # the same outputs tried again, not the batch handled again
+    _too_large_letter(kafka, big, 1)
