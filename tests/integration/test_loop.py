@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from stockflow.audit import run_audit
 from stockflow.config import Settings
 from stockflow.consumer import Handled, LoopStats, Output, TransactionalLoop
 from stockflow.orders import Order
@@ -20,7 +21,7 @@ from stockflow.producer import OrderProducer
 from stockflow.retry import CircuitBreaker
 from stockflow.topics import create_topic, delete_topics
 from stockflow.worker import Worker, WorkerStats
-from tests.integration.conftest import read_topic
+from tests.integration.conftest import process, read_topic
 
 
 def test_a_bounded_worker_run_commits_that_many_orders_and_applies_them(
@@ -113,3 +114,28 @@ def test_an_output_that_cannot_be_produced_is_dead_lettered_and_its_neighbours_p
         assert headers["stockflow.dlq.original.sha256"] == digest
     finally:
         delete_topics(settings, [out])
+
+
+def test_a_message_near_kafkas_limit_is_dead_lettered_and_the_orders_behind_it_applied(
+    settings: Settings, pipeline: Pipeline
+) -> None:
+    """Issue 10, case 2: an invalid 1,000,000-byte message, whose dead letter (the original
+    bytes plus the reason headers) no longer fits the producer's limit."""
+    pipeline.inventory.seed({101: 100})
+    huge = b'{"orderId": 1, "pad": "' + b"x" * (1_000_000 - 26) + b'"}'
+    assert len(huge) == 1_000_000 - 1
+    with OrderProducer(settings, **{"message.max.bytes": 1_100_000}) as producer:
+        producer.send(Order("before", 101, 1))
+        producer.send_raw(huge)
+        for i in range(3):
+            producer.send(Order(f"after-{i}", 101, 1))
+    began = time.monotonic()
+    run = process(settings, pipeline, 5, timeout=30)
+    took = time.monotonic() - began
+    assert run.outcomes == {"applied": 4, "dead_lettered": 1}, run.outcomes
+    assert took < 15, f"{took:.1f}s"
+    report = run_audit(settings, pipeline)
+    assert report.ok, report
+    [letter] = read_topic(settings, settings.dlq_topic)
+    headers = header_map(letter.headers())  # type: ignore[attr-defined]
+    assert headers["stockflow.dlq.original.sha256"] == hashlib.sha256(huge).hexdigest()
