@@ -2,15 +2,21 @@
 
 Both stages of stockflow run this loop with their own handler. For each batch:
 
-1. poll up to ``batch_size`` messages (``read_committed``: aborted outputs are never seen);
+1. poll up to ``batch_size`` messages (``read_committed``: aborted outputs are never seen; a
+   bounded run takes no more than it has left), gathered in hand: a revocation served by
+   any later poll drops the revoked partitions' messages from the hand (their next owner
+   reads them from the committed offsets), and a batch left empty is dropped;
 2. hand them to the handler, whose side effects (MongoDB writes) are durable and idempotent
    when it returns; on a transient failure the assigned partitions are paused (the circuit
    opens), the batch is retried with backoff while the group membership is kept, and work
-   resumes when the dependency answers;
-3. in one transaction: produce the handler's outputs, add the batch's offsets, commit;
+   resumes when the dependency answers; whichever way the batch ends, every partition paused
+   meanwhile is resumed;
+3. in one transaction: produce the handler's outputs (one that cannot be produced -- too
+   large, rejected by the broker -- is replaced by a small dead letter), add the offsets of
+   the batch's partitions still owned, commit;
 4. when the transaction fails, abort it and rewind to the batch's first offsets, so the batch
    is handled again (idempotently) rather than lost;
-5. call the handler's ``committed`` hook (log lines, counts).
+5. call the handler's ``on_commit`` hook (log lines, counts).
 
 A message that keeps failing for a non-transient reason is retried ``max_attempts`` times,
 then handled alone, and if it still fails, dead-lettered with the reason.
