@@ -28,17 +28,14 @@ from tests.integration.conftest import cleanup, isolated, read_topic
 
 
 class Slow:
-    """The applier, sleeping before each batch while ``slow`` is set (a busy applier)."""
+    """The applier, busy with each batch until ``release`` is set (at most 30 s)."""
 
-    def __init__(self, inner: Any, seconds: float) -> None:
+    def __init__(self, inner: Any) -> None:
         self.inner = inner
-        self.seconds = seconds
-        self.slow = threading.Event()
-        self.slow.set()
+        self.release = threading.Event()
 
     def handle(self, messages: Sequence[Any]) -> Handled:
-        if self.slow.is_set():
-            time.sleep(self.seconds)
+        self.release.wait(30)
         result: Handled = self.inner.handle(messages)
         return result
 
@@ -73,12 +70,12 @@ def test_no_order_is_routed_by_two_members_when_a_worker_joins_mid_batch(
                 decided.append(decision)
 
         first = Worker(s, pipeline, listener=listen)
-        slow = Slow(first.loops["applier"].handler, seconds=6)
+        slow = Slow(first.loops["applier"].handler)
         first.loops["applier"].handler = slow  # type: ignore[assignment]
         threads = [threading.Thread(target=first.run, daemon=True)]
         threads[0].start()
         assert first.wait_assigned(30)
-        _send(s, 0, 3)  # the applier takes these and is busy for 6 s ...
+        _send(s, 0, 3)  # the applier takes these and stays busy ...
         deadline = time.monotonic() + 20
         while not first.loops["applier"].busy and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -88,9 +85,11 @@ def test_no_order_is_routed_by_two_members_when_a_worker_joins_mid_batch(
         second = Worker(s, pipeline, listener=listen)  # joins: the router group rebalances
         threads.append(threading.Thread(target=second.run, daemon=True))
         threads[1].start()
-        assert second.wait_assigned(30)
+        # Its router gets partitions once the first router gave them up (in its hold); its
+        # applier waits for the first applier, busy until released.
+        assert second.loops["router"].assigned.wait(30)
         time.sleep(2)
-        slow.slow.clear()
+        slow.release.set()
         deadline = time.monotonic() + 60
         while len(decided) < 63 and time.monotonic() < deadline:
             time.sleep(0.1)
