@@ -246,8 +246,9 @@ class TransactionalLoop:
         """The partitions assigned to this member now."""
         self._in_hand: list[Message] = []
         """The batch being gathered or handled; a revocation removes its partitions' messages."""
-        self._paused: set[tuple[str, int]] = set()
-        """Partitions this loop paused; every path out of a batch resumes them."""
+        self._paused: frozenset[tuple[str, int]] = frozenset()
+        """Partitions this loop paused; every path out of a batch resumes them. Replaced, never
+        changed in place, so that ``paused`` can read it from another thread."""
         self.on_stuck: Callable[[str], None] = exit_stuck
         """Called (from the watchdog thread) when a call hangs (``watchdog``)."""
         self.transaction_seconds = 3 * settings.kafka_timeout_seconds + 10
@@ -282,7 +283,7 @@ class TransactionalLoop:
 
     def _pause(self, consumer: ConsumerLike, partitions: list[TopicPartition]) -> None:
         consumer.pause(partitions)
-        self._paused.update((tp.topic, tp.partition) for tp in partitions)
+        self._paused = self._paused | {(tp.topic, tp.partition) for tp in partitions}
 
     def _resume(self, consumer: ConsumerLike) -> None:
         """Resume every partition this loop paused that is still assigned to it."""
@@ -290,7 +291,7 @@ class TransactionalLoop:
             return
         assigned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
         ours = [TopicPartition(t, p) for t, p in sorted(self._paused & assigned)]
-        self._paused.clear()
+        self._paused = frozenset()
         if ours:
             consumer.resume(ours)
 
@@ -312,7 +313,7 @@ class TransactionalLoop:
         # committed offsets) handles them; nothing of theirs is produced or committed here.
         gone = {(tp.topic, tp.partition) for tp in partitions}
         self._owned -= gone
-        self._paused -= gone
+        self._paused = self._paused - gone
         kept = [m for m in self._in_hand if (m.topic(), m.partition()) not in gone]
         self.stats.dropped += len(self._in_hand) - len(kept)
         self._in_hand = kept

@@ -68,6 +68,8 @@ class WorkerStats:
                     "messages": loop.messages,
                     "batches": loop.batches,
                     "rewinds": loop.rewinds,
+                    "dropped": loop.dropped,
+                    "unproducible": loop.unproducible,
                     "seconds": rounded(loop.seconds),
                 }
                 for name, loop in (("router", self.router), ("applier", self.applier))
@@ -140,6 +142,8 @@ class Worker:
                 "messages": loop.stats.messages,
                 "batches": loop.stats.batches,
                 "rewinds": loop.stats.rewinds,
+                "dropped": loop.stats.dropped,
+                "unproducible": loop.stats.unproducible,
                 "idle_seconds": round(time.monotonic() - loop.idle_since, 1),
             }
             for name, loop in self.loops.items()
