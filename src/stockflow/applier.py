@@ -34,6 +34,7 @@ from pymongo.errors import ConnectionFailure, OperationFailure
 
 from stockflow.cache import ProductCache, product_version
 from stockflow.config import Settings
+from stockflow.consumer import Handled, Output
 from stockflow.errors import ConcurrentWriteError, InvalidOrderError, TransientError
 from stockflow.inventory import Inventory, Product
 from stockflow.ledger import Ledger, to_event
@@ -41,7 +42,6 @@ from stockflow.outcomes import Outcome, dead_letter_headers, source_of
 from stockflow.planner import MARKER, Decision, Entry, Plan, ProductChange, plan_batch
 from stockflow.retry import CircuitBreaker
 from stockflow.router import H_SOURCE, decode_message, decode_source
-from stockflow.txloop import Handled, Output
 
 log = logging.getLogger("stockflow.orders")
 

@@ -5,7 +5,7 @@ partitioner). The router re-publishes each valid order or restock to the command
 by its product, so every stock change of a product reaches one partition and so exactly one
 applier: the single writer per product that stockflow's correctness rests on. Invalid messages
 go to the dead-letter topic with their original bytes and headers plus the reason. Outputs and
-input offsets are committed in one transaction (``txloop``), so nothing is routed twice.
+input offsets are committed in one transaction (``consumer``), so nothing is routed twice.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from confluent_kafka import Message
 
 from stockflow.config import Settings
+from stockflow.consumer import Handled, Output
 from stockflow.errors import InvalidOrderError
 from stockflow.orders import Command, decode_command
 from stockflow.outcomes import Source, dead_letter_headers, source_of
 from stockflow.retry import CircuitBreaker
-from stockflow.txloop import Handled, Output
 
 log = logging.getLogger(__name__)
 
