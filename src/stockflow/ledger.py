@@ -163,6 +163,9 @@ class Ledger:
             **({"reason": decision.reason} if decision.reason else {}),
             "source": _src(decision.entry.source),
             "position": _src(decision.entry.position),
+            # The commands topic's incarnation: the audit tells a recreated topic's records
+            # apart from its predecessor's at the same positions.
+            **({"topicId": decision.entry.topic_id} if decision.entry.topic_id else {}),
             "at": at,
         }
 
