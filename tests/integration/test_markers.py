@@ -233,6 +233,29 @@ def test_a_replay_after_the_other_pipeline_wrote_the_product_is_not_applied_twic
     assert not report.stock_mismatches, report
 
 
+def test_a_replayed_refusal_is_recorded_as_the_replay_decides_it(
+    settings: Settings, pipeline: Pipeline
+) -> None:
+    """A refuses an order (no write), records it and crashes before its commit; B restocks;
+    A's replay decides from the new stock. The record must say what the replay published."""
+    pipeline.inventory.seed({P: 1})
+    applier = appliers(settings, pipeline)
+    applier()._apply(entries("b.cmds", "id-b", 0, [Order("b-0", P, 1)]))
+    a_batch = entries("a.cmds", "id-a", 0, [Order("a-0", P, 2)])
+    [refused] = applier()._apply(a_batch)  # recorded, never committed
+    assert refused.outcome is Outcome.INSUFFICIENT_STOCK
+    applier()._apply(entries("b.cmds", "id-b", 1, [Restock("b-r", P, 5)]))
+    [replayed] = applier()._apply(a_batch)
+    assert (replayed.outcome, replayed.stock_after) == (Outcome.APPLIED, 3)
+    assert pipeline.inventory.stock_of(P) == 3
+    ledger = Ledger(
+        pipeline.mongo[settings.database], settings.orders_collection, settings.restocks_collection
+    )
+    assert (ledger.find("order", "a-0") or {}).get("status") == "applied"
+    report = run_audit(settings, pipeline, messages=False)
+    assert not report.stock_mismatches, report
+
+
 def test_the_compare_and_set_fences_a_pipeline_that_planned_from_an_older_version(
     settings: Settings, pipeline: Pipeline
 ) -> None:
