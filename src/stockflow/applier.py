@@ -155,6 +155,8 @@ class Applier:
         self.memory = ProductMemory()
         self.topic_ids = topic_ids
         self._known_ids: dict[str, str | None] = {}
+        self._read: dict[tuple[str, int], int] = {}
+        """The last offset handled of each partition."""
         self.seconds: defaultdict[str, float] = defaultdict(float)
         """Seconds spent in each step of handling batches (for benchmarks and metrics)."""
         self._last_tick = time.perf_counter()
@@ -166,6 +168,7 @@ class Applier:
         entries: list[Entry] = []
         outputs: list[Output] = []
         counts: Counter[str] = Counter()
+        self._note_rewinds(messages)
         for message in messages:
             position = source_of(message)
             headers = dict(message.headers() or [])
@@ -267,6 +270,19 @@ class Applier:
         the commands topic may have been recreated: learn its id again."""
         self.memory.clear()
         self._known_ids.clear()
+        self._read.clear()
+
+    def _note_rewinds(self, messages: Sequence[Message]) -> None:
+        """Look the commands topic's id up again when a partition is read from an earlier
+        offset than before: a rewound batch (a needless look-up), or the topic deleted and
+        recreated under this consumer, which librdkafka reads from its start again without
+        any rebalance."""
+        for message in messages:
+            key = (message.topic() or "", message.partition() or 0)
+            offset = message.offset() or 0
+            if offset <= self._read.get(key, -1):
+                self._known_ids.pop(key[0], None)
+            self._read[key] = offset
 
     def _topic_id(self, topic: str) -> str | None:
         """Kafka's id of the commands topic, looked up once per assignment."""

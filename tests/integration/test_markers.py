@@ -26,6 +26,7 @@ from stockflow.pipeline import Pipeline, open_pipeline
 from stockflow.planner import MARKER, Entry, plan_batch
 from stockflow.producer import OrderProducer
 from stockflow.topics import create_topic, delete_topics, topic_id
+from stockflow.worker import Worker
 from tests.integration.conftest import cleanup, isolated, process
 
 P = 101
@@ -146,6 +147,10 @@ def test_a_second_run_after_every_topic_was_deleted(settings: Settings, pipeline
 def test_two_pipelines_writing_the_same_products_at_once_lose_no_update(
     settings: Settings, pipeline: Pipeline, second: Settings
 ) -> None:
+    """Two writers of three products: small batches, so that their writes collide often.
+    Needs a real compare-and-set (MongoDB, or the local stack's patched FerretDB)."""
+    settings = settings.model_copy(update={"batch_size": 20})
+    second = second.model_copy(update={"batch_size": 20})
     products = {P: 300, 102: 300, 103: 300}
     pipeline.inventory.seed(products)
     per_pipeline = 600
@@ -301,3 +306,35 @@ def test_the_applier_learns_the_commands_topic_id(settings: Settings, pipeline: 
     assert entry["id"] == topic_id(settings, settings.commands_topic)
     [record] = pipeline.mongo[settings.database][settings.orders_collection].find({})
     assert record["topicId"] == entry["id"]
+
+
+def test_a_running_worker_learns_the_id_of_its_recreated_commands_topic(
+    settings: Settings, pipeline: Pipeline
+) -> None:
+    """The commands topic is deleted and recreated under a running worker: the applier's new
+    assignment makes it look the topic's id up again."""
+    pipeline.inventory.seed({P: 100})
+    decisions: list[Outcome] = []
+    worker = Worker(settings, pipeline, listener=lambda d: decisions.append(d.outcome))
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+
+        def wait_for(count: int, timeout: float = 120) -> None:
+            deadline = time.monotonic() + timeout
+            while len(decisions) < count and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert len(decisions) >= count, f"{len(decisions)} of {count} in {timeout}s"
+
+        send(settings, orders("a", 5, 1))
+        wait_for(5)
+        wait_deleted(settings, [settings.commands_topic])
+        recreate(settings, settings.commands_topic, settings.commands_partitions)
+        send(settings, orders("b", 3, 2))
+        wait_for(8)
+    finally:
+        worker.stop()
+        thread.join(60)
+    assert decisions == [Outcome.APPLIED] * 8
+    assert pipeline.inventory.stock_of(P) == 89
+    assert_audits_clean((settings, pipeline))
