@@ -2,7 +2,8 @@
 
 :meth:`Inventory.write_changes` is the one place stock changes. stockflow adds one field of
 its own to a product it changes, ``_stockflow`` (see ``planner``), and needs no migration:
-products written by anyone in the plain schema work as they are.
+products written by anyone in the plain schema work as they are, and so do products with a
+marker of an earlier form (converted at their next write).
 """
 
 from __future__ import annotations

@@ -29,7 +29,6 @@ and gets a marker of this form at its next write.
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,8 +36,6 @@ from typing import Any
 
 from stockflow.orders import Command, Order
 from stockflow.outcomes import Outcome, Source
-
-log = logging.getLogger(__name__)
 
 MARKER = "_stockflow"
 MAX_TOPICS = 8
@@ -255,7 +252,10 @@ def _plan_product(
         applied = applied or decision.outcome is Outcome.APPLIED
         steps[str(entry.position.offset)] = _step(decision)
     if not applied and topics is not None:
-        return  # nothing applied: no write needed, a replay decides the same from stock
+        # Nothing applied: no write needed. A replay decides these again from the stored
+        # stock, the same one unless another pipeline changed it meanwhile (then the replay's
+        # outcome records replace the crashed attempt's; see ``Ledger.finish``).
+        return
     plan.changes.append(
         ProductChange(
             product_id,

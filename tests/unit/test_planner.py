@@ -466,6 +466,16 @@ def test_a_replay_after_another_topic_wrote_is_read_from_its_steps() -> None:
     assert verdicts(shorter) == verdicts(first)[1:] and shorter.changes == []
 
 
+def test_rewound_offsets_before_the_written_range_change_nothing() -> None:
+    """Commands committed before the entry's steps began, read again (offsets rewound): they
+    were applied then; they are told again without touching stock."""
+    doc = run_committed(orders_on("a", "A", 3, 1), {"stock": 10})  # 0..2 committed: 7
+    doc = run_committed(orders_on("a", "A", 2, 1, start=3), doc)  # steps now 3..4: 5
+    again = plan(orders_on("a", "A", 5, 1), {1: doc})
+    assert [d.stock_after for d in again.decisions] == [4, 3, 2, 6, 5]  # 0..2: no effect
+    assert again.changes == []
+
+
 def test_more_topics_than_a_marker_keeps_forget_the_least_recently_written() -> None:
     doc: Mapping[str, Any] = {"stock": 1000}
     for n in range(MAX_TOPICS + 2):
