@@ -1,12 +1,14 @@
 """Stage 2: apply the commands of one product partition to MongoDB, exactly once in effect.
 
 Every stock change of a product arrives on one partition of the commands topic, and each
-partition has one consumer, so each product has a single writer. For a batch:
+partition has one consumer, so each product has a single writer per pipeline (several
+pipelines sharing products are serialised by the compare-and-set). For a batch:
 
 1. claim each command's id in the ledger (first delivery wins; a later copy is a duplicate);
 2. take the batch's products and plan every outcome (``planner``, pure and deterministic);
 3. write each product's change as a compare-and-set on the stock and marker it was planned
-   from (the marker also lets a replay after a crash recognise what was already written);
+   from (the marker also lets a replay after a crash recognise what its commands topic, named
+   by Kafka's topic id, already wrote);
 4. record the outcomes in the ledger;
 5. refresh the cache entries of the products changed (MongoDB holds the change already);
 6. hand the outcome events (and dead letters) to the transaction that also commits offsets;
@@ -35,7 +37,7 @@ from pymongo.errors import ConnectionFailure, OperationFailure
 from stockflow.cache import ProductCache, product_version
 from stockflow.config import Settings
 from stockflow.consumer import Handled, Output
-from stockflow.errors import ConcurrentWriteError, InvalidOrderError, TransientError
+from stockflow.errors import ConcurrentWriteError, InvalidOrderError, TopicError, TransientError
 from stockflow.inventory import Inventory, Product
 from stockflow.ledger import Ledger, to_event
 from stockflow.outcomes import Outcome, dead_letter_headers, source_of
@@ -136,14 +138,25 @@ class Applier:
     name = "applier"
 
     def __init__(
-        self, settings: Settings, inventory: Inventory, ledger: Ledger, cache: ProductCache
+        self,
+        settings: Settings,
+        inventory: Inventory,
+        ledger: Ledger,
+        cache: ProductCache,
+        *,
+        topic_ids: Callable[[str], str | None] | None = None,
     ) -> None:
+        """``topic_ids`` looks up Kafka's id of a commands topic (None: names alone)."""
         self.settings = settings
         self.inventory = inventory
         self.ledger = ledger
         self.cache = cache
         self.breaker = CircuitBreaker("MongoDB")
         self.memory = ProductMemory()
+        self.topic_ids = topic_ids
+        self._known_ids: dict[str, str | None] = {}
+        self._read: dict[tuple[str, int], int] = {}
+        """The last offset handled of each partition."""
         self.seconds: defaultdict[str, float] = defaultdict(float)
         """Seconds spent in each step of handling batches (for benchmarks and metrics)."""
         self._last_tick = time.perf_counter()
@@ -155,6 +168,7 @@ class Applier:
         entries: list[Entry] = []
         outputs: list[Output] = []
         counts: Counter[str] = Counter()
+        self._note_rewinds(messages)
         for message in messages:
             position = source_of(message)
             headers = dict(message.headers() or [])
@@ -165,7 +179,7 @@ class Applier:
                 outputs.append(self.dead_letter(message, f"bad command: {exc.reason}", 1))
                 counts[Outcome.DEAD_LETTERED.value] += 1
                 continue
-            entries.append(Entry(position, source, command))
+            entries.append(Entry(position, source, command, self._topic_id(position.topic)))
         self._clock("decode")
         try:
             decisions = self._apply(entries)
@@ -252,8 +266,34 @@ class Applier:
         return [doc for pid in unchecked if (doc := products.get(pid)) is not None]
 
     def on_partitions_changed(self) -> None:
-        """Another consumer may have written these products meanwhile: remember nothing."""
+        """Another consumer may have written these products meanwhile: remember nothing; and
+        the commands topic may have been recreated: learn its id again."""
         self.memory.clear()
+        self._known_ids.clear()
+        self._read.clear()
+
+    def _note_rewinds(self, messages: Sequence[Message]) -> None:
+        """Look the commands topic's id up again when a partition is read from an earlier
+        offset than before: a rewound batch (a needless look-up), or the topic deleted and
+        recreated under this consumer, which librdkafka reads from its start again without
+        any rebalance."""
+        for message in messages:
+            key = (message.topic() or "", message.partition() or 0)
+            offset = message.offset() or 0
+            if offset <= self._read.get(key, -1):
+                self._known_ids.pop(key[0], None)
+            self._read[key] = offset
+
+    def _topic_id(self, topic: str) -> str | None:
+        """Kafka's id of the commands topic, looked up once per assignment."""
+        if self.topic_ids is None:
+            return None
+        if topic not in self._known_ids:
+            try:
+                self._known_ids[topic] = self.topic_ids(topic)
+            except TopicError as exc:
+                raise TransientError(f"cannot learn the id of topic {topic!r}: {exc}") from exc
+        return self._known_ids[topic]
 
     def dead_letter(self, message: Message, reason: str, attempts: int) -> Output:
         headers = dict(message.headers() or [])

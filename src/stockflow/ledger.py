@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from pymongo import UpdateOne
+from pymongo import ReplaceOne, UpdateOne
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError
@@ -163,6 +163,9 @@ class Ledger:
             **({"reason": decision.reason} if decision.reason else {}),
             "source": _src(decision.entry.source),
             "position": _src(decision.entry.position),
+            # The commands topic's incarnation: the audit tells a recreated topic's records
+            # apart from its predecessor's at the same positions.
+            **({"topicId": decision.entry.topic_id} if decision.entry.topic_id else {}),
             "at": at,
         }
 
@@ -171,8 +174,18 @@ class Ledger:
         for kind in self.records:
             mine = [d for d in decisions if d.entry.command.kind == kind]
             owned = [self._record(d, at) for d in mine if d.outcome is not Outcome.DUPLICATE]
-            # Already there after a crash between this and the Kafka commit: the same record.
-            insert_all(self.records[kind], owned, self.pool)
+            # Already there after a crash between this and the Kafka commit: the crashed
+            # attempt's record, which this attempt's replaces (only on replays). They differ
+            # when a command was decided without a write and another pipeline changed the
+            # product since: the record must say what this attempt publishes.
+            skipped = insert_all(self.records[kind], owned, self.pool)
+            again = [
+                ReplaceOne({"_id": r["_id"], "position": r["position"]}, r)
+                for r in owned
+                if r["_id"] in skipped
+            ]
+            for chunk in chunks(again):
+                self.records[kind].bulk_write(list(chunk), ordered=False)
             notes = [
                 UpdateOne(
                     {"_id": d.entry.command.id},

@@ -1,10 +1,10 @@
-"""Topic administration: create, list, and read end offsets."""
+"""Topic administration: create, list, describe (the topic's id), and read end offsets."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicCollection, TopicPartition
 from confluent_kafka.admin import (
     AdminClient,
     NewTopic,
@@ -75,6 +75,23 @@ def require_topic(settings: Settings, topic: str) -> int:
             f"`stockflow topics create {topic} --partitions N`"
         )
     return len(found.partitions)
+
+
+def topic_id(settings: Settings, name: str) -> str | None:
+    """Kafka's id of topic ``name``: a topic deleted and recreated under the same name gets a
+    new one. None if the cluster gives topics no ids; TopicError if the topic is missing."""
+    admin = admin_client(settings)  # kept alive until the future is done
+    futures = admin.describe_topics(
+        TopicCollection([name]), request_timeout=settings.kafka_timeout_seconds
+    )
+    try:
+        description = futures[name].result()
+    except KafkaException as exc:
+        raise TopicError(f"cannot describe topic {name!r}: {exc.args[0].str()}") from None
+    uid = description.topic_id
+    if uid is None or (uid.get_most_significant_bits(), uid.get_least_significant_bits()) == (0, 0):
+        return None
+    return str(uid)
 
 
 def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
