@@ -30,16 +30,6 @@ FEW = 32
 """Up to this many products are looked up one by one rather than with one ``$in`` query."""
 
 
-def mongo_client(settings: Settings) -> MongoClient[Product]:
-    """A client for the configured server (a real MongoDB or the local FerretDB)."""
-    return MongoClient(
-        settings.mongodb_url,
-        serverSelectionTimeoutMS=settings.mongodb_timeout_ms,
-        appname="stockflow",
-        tz_aware=True,
-    )
-
-
 class Inventory:
     """Product reads and stock changes against one collection."""
 
