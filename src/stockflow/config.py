@@ -135,6 +135,22 @@ class Settings(BaseSettings):
     mongodb_timeout_ms: int = Field(
         default=5000, ge=100, description="Server selection timeout of the MongoDB client."
     )
+    mongodb_operation_timeout_ms: int = Field(
+        default=30_000,
+        ge=0,
+        description="Deadline of every MongoDB call (the client's `timeoutMS`, also sent as "
+        "`maxTimeMS`): a call to a hung server or storage fails after this long and is "
+        "retried as an outage. 0: no overall deadline, only the socket timeout.",
+    )
+    mongodb_socket_timeout_ms: int = Field(
+        default=60_000,
+        ge=100,
+        description="How long the MongoDB client waits for a reply on a connection "
+        "(`socketTimeoutMS`; the backstop when the operation deadline is 0).",
+    )
+    mongodb_connect_timeout_ms: int = Field(
+        default=5000, ge=100, description="How long opening a MongoDB connection may take."
+    )
     mongodb_concurrency: int = Field(
         default=8,
         ge=1,

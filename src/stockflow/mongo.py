@@ -1,7 +1,7 @@
 """The MongoDB client and what its errors mean.
 
-Every error a MongoDB call raises is classified here, in one place, by what it says about the
-world:
+Every MongoDB call stockflow makes has a deadline (:func:`mongo_client`), and every error a
+call raises is classified here, in one place, by what it says about the world:
 
 - *transient* (:func:`is_transient`): the server, or the storage behind it, is unreachable,
   slow, failing over, shutting down or overloaded. Nothing is wrong with the data: the loop
@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import parse_qsl
 
 from pymongo import MongoClient
 from pymongo.errors import (
@@ -179,11 +180,28 @@ def is_transient(exc: BaseException) -> bool:
     return classify(exc) is not None
 
 
+def client_options(settings: Settings) -> dict[str, Any]:
+    """The client's deadlines and identity, except those the connection string sets itself."""
+    options: dict[str, Any] = {
+        "serverSelectionTimeoutMS": settings.mongodb_timeout_ms,
+        "connectTimeoutMS": settings.mongodb_connect_timeout_ms,
+        "socketTimeoutMS": settings.mongodb_socket_timeout_ms,
+        "timeoutMS": settings.mongodb_operation_timeout_ms or None,
+        "appname": "stockflow",
+    }
+    # Read the query by hand: pymongo's parser resolves mongodb+srv names (DNS) on the way.
+    _, _, query = settings.mongodb_url.partition("?")
+    given = {key.lower() for key, _ in parse_qsl(query, keep_blank_values=True)}
+    return {key: value for key, value in options.items() if key.lower() not in given}
+
+
 def mongo_client(settings: Settings) -> MongoClient[Doc]:
-    """A client for the configured server (a real MongoDB or the local FerretDB)."""
-    return MongoClient(
-        settings.mongodb_url,
-        serverSelectionTimeoutMS=settings.mongodb_timeout_ms,
-        appname="stockflow",
-        tz_aware=True,
-    )
+    """A client for the configured server (a real MongoDB or the local FerretDB).
+
+    Every call is bounded: ``timeoutMS`` (client-side operation timeout, also sent to the
+    server as ``maxTimeMS``, which FerretDB honours) covers server selection, connecting,
+    retries and the reply; ``socketTimeoutMS`` is the backstop when it is switched off. A
+    half-open connection or a server whose storage hangs ends in ``NetworkTimeout`` (transient)
+    instead of blocking the worker forever.
+    """
+    return MongoClient(settings.mongodb_url, tz_aware=True, **client_options(settings))

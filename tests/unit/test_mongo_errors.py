@@ -35,7 +35,7 @@ from stockflow.applier import Applier
 from stockflow.config import Settings
 from stockflow.errors import TransientError
 from stockflow.ledger import insert_all
-from stockflow.mongo import classify, is_transient
+from stockflow.mongo import classify, client_options, is_transient
 from stockflow.orders import Order
 from stockflow.planner import Entry
 
@@ -196,3 +196,13 @@ def test_insert_all_does_not_take_a_write_concern_error_as_success() -> None:
     with pytest.raises(BulkWriteError) as caught:
         insert_all(cast(Any, _Collection(exc)), [{"_id": "a"}, {"_id": "b"}])
     assert is_transient(caught.value)
+
+
+def test_every_call_has_a_deadline_and_the_uri_can_override_it() -> None:
+    options = client_options(Settings(mongodb_uri=None))
+    assert options["timeoutMS"] == 30_000 and options["socketTimeoutMS"] == 60_000
+    assert options["connectTimeoutMS"] == 5000 and options["serverSelectionTimeoutMS"] == 5000
+    mine = Settings(mongodb_uri="mongodb+srv://u:p@cluster.example/?timeoutMS=900&appName=x")
+    assert "timeoutMS" not in client_options(mine)  # the URI's own 900 ms stands
+    assert "appname" not in client_options(mine)
+    assert client_options(Settings(mongodb_operation_timeout_ms=0))["timeoutMS"] is None
