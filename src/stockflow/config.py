@@ -135,18 +135,19 @@ class Settings(BaseSettings):
     mongodb_timeout_ms: int = Field(
         default=5000, ge=100, description="Server selection timeout of the MongoDB client."
     )
-    mongodb_operation_timeout_ms: int = Field(
-        default=30_000,
-        ge=0,
-        description="Deadline of every MongoDB call (the client's `timeoutMS`, also sent as "
-        "`maxTimeMS`): a call to a hung server or storage fails after this long and is "
-        "retried as an outage. 0: no overall deadline, only the socket timeout.",
-    )
     mongodb_socket_timeout_ms: int = Field(
-        default=60_000,
+        default=30_000,
         ge=100,
-        description="How long the MongoDB client waits for a reply on a connection "
-        "(`socketTimeoutMS`; the backstop when the operation deadline is 0).",
+        description="Deadline of every reply from MongoDB (the client's `socketTimeoutMS`): a "
+        "call to a hung server, or to a FerretDB whose storage hangs, fails after this long "
+        "and is retried as an outage instead of blocking the worker.",
+    )
+    mongodb_operation_timeout_ms: int = Field(
+        default=0,
+        ge=0,
+        description="Overall deadline of each MongoDB call, retries included (the client's "
+        "`timeoutMS`, also sent as `maxTimeMS`, which FerretDB honours). 0: off. When set, "
+        "pymongo waits this long, not the server selection timeout, for an absent server.",
     )
     mongodb_connect_timeout_ms: int = Field(
         default=5000, ge=100, description="How long opening a MongoDB connection may take."

@@ -198,10 +198,11 @@ def client_options(settings: Settings) -> dict[str, Any]:
 def mongo_client(settings: Settings) -> MongoClient[Doc]:
     """A client for the configured server (a real MongoDB or the local FerretDB).
 
-    Every call is bounded: ``timeoutMS`` (client-side operation timeout, also sent to the
-    server as ``maxTimeMS``, which FerretDB honours) covers server selection, connecting,
-    retries and the reply; ``socketTimeoutMS`` is the backstop when it is switched off. A
-    half-open connection or a server whose storage hangs ends in ``NetworkTimeout`` (transient)
-    instead of blocking the worker forever.
+    Every call is bounded: ``socketTimeoutMS`` ends the wait for any reply (a half-open
+    connection, a FerretDB whose PostgreSQL hangs or whose pool deadlocked: FerretDB then
+    accepts the command and never answers) with ``NetworkTimeout``, which is transient; server
+    selection and connecting have their own. ``timeoutMS`` (client-side operation timeout,
+    sent as ``maxTimeMS``, which FerretDB v1.24 accepts) is off unless configured: pymongo
+    then waits that long for an absent server instead of the server selection timeout.
     """
     return MongoClient(settings.mongodb_url, tz_aware=True, **client_options(settings))

@@ -105,7 +105,7 @@ def private(tmp_path: Path) -> Iterator[PrivateFerretDB]:
         ferretdb_port=ferret_port,
         ferretdb_backend="postgresql",
         database="outage",
-        mongodb_operation_timeout_ms=DEADLINE_MS,
+        mongodb_socket_timeout_ms=DEADLINE_MS,
     )
     stack = PrivateFerretDB(settings)
     try:

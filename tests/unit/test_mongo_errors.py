@@ -200,9 +200,9 @@ def test_insert_all_does_not_take_a_write_concern_error_as_success() -> None:
 
 def test_every_call_has_a_deadline_and_the_uri_can_override_it() -> None:
     options = client_options(Settings(mongodb_uri=None))
-    assert options["timeoutMS"] == 30_000 and options["socketTimeoutMS"] == 60_000
+    assert options["timeoutMS"] is None and options["socketTimeoutMS"] == 30_000
     assert options["connectTimeoutMS"] == 5000 and options["serverSelectionTimeoutMS"] == 5000
     mine = Settings(mongodb_uri="mongodb+srv://u:p@cluster.example/?timeoutMS=900&appName=x")
     assert "timeoutMS" not in client_options(mine)  # the URI's own 900 ms stands
     assert "appname" not in client_options(mine)
-    assert client_options(Settings(mongodb_operation_timeout_ms=0))["timeoutMS"] is None
+    assert client_options(Settings(mongodb_operation_timeout_ms=900))["timeoutMS"] == 900
