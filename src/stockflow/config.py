@@ -10,9 +10,10 @@ called, never at import time.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,16 +29,78 @@ def _default_cache_dir() -> Path:
     return Path(base) / "stockflow"
 
 
+MASK = "***"
+
+_SECRET_PARAM = re.compile(
+    r"pass|pwd|secret|token|key|credential|signature|authmechanismproperties", re.IGNORECASE
+)
+"""Query parameters whose value is (or may contain) a secret: ``password=``,
+``tlsCertificateKeyFilePassword=``, ``authMechanismProperties=AWS_SESSION_TOKEN:...``."""
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys")
+
+
+def _mask_query(query: str, found: list[str]) -> str:
+    parts = re.split(r"([&;])", query)
+    for i, part in enumerate(parts):
+        name, sep, value = part.partition("=")
+        if sep and _SECRET_PARAM.search(name):
+            parts[i] = f"{name}={MASK}"
+            found.append(value)
+    return "".join(parts)
+
+
+def _mask_one(url: str, found: list[str] | None = None) -> str:
+    found = [] if found is None else found
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    query_at = rest.find("?")
+    head = rest if query_at < 0 else rest[:query_at]
+    # The userinfo ends at the last "@" before the query; a password holding a raw "?" puts
+    # its "@" after that, and then everything up to the last "@" is masked.
+    at = head.rfind("@")
+    if at < 0:
+        at = rest.rfind("@")
+    if at >= 0:
+        userinfo, hostpart = rest[:at], rest[at + 1 :]
+        user, colon, password = userinfo.partition(":")
+        if colon:
+            userinfo = f"{user}:{MASK}"
+            found.append(password)
+        elif scheme.lower() in _REDIS_SCHEMES:
+            found.append(userinfo)
+            userinfo = MASK  # redis://secret@host: a lone userinfo is the password
+        rest = f"{userinfo}@{hostpart}"
+    path, qmark, query = rest.partition("?")
+    if qmark:
+        query, hash_, fragment = query.partition("#")
+        rest = f"{path}?{_mask_query(query, found)}{hash_}{fragment}"
+    return f"{scheme}{sep}{rest}"
+
+
 def mask_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***``, for logs and status output."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """Return ``url`` with every password and secret query parameter replaced by ``***``.
+
+    For logs, status output and errors. Handles any form (several hosts, ``mongodb+srv``,
+    ``redis://:password@host``, ``?password=``, Kafka bootstrap lists, no scheme at all) by
+    plain string work rather than a URL parser, and never raises. When unsure where the
+    userinfo ends it masks more (up to the last ``@``), never less.
+    """
+    try:
+        return _mask_one(str(url))
+    except Exception:  # masking must never be what fails
+        return MASK
+
+
+def url_secrets(url: str) -> list[str]:
+    """The passwords and secret query values in ``url``, as written and percent-decoded."""
+    found: list[str] = []
+    try:
+        _mask_one(str(url), found)
+    except Exception:
+        return [str(url)]  # unreadable: treat the whole string as secret
+    return [v for s in found for v in {s, unquote(s)} if len(v) >= 3]
 
 
 class Settings(BaseSettings):
@@ -275,7 +338,7 @@ class Settings(BaseSettings):
     def addresses(self) -> dict[ServiceName, str]:
         """The three service addresses, passwords masked, for humans."""
         return {
-            "kafka": self.kafka_bootstrap,
+            "kafka": mask_url(self.kafka_bootstrap),
             "mongodb": mask_url(self.mongodb_url),
             "redis": mask_url(self.redis_dsn),
         }
