@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -18,7 +19,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from stockflow.config import Settings, load_settings
-from stockflow.errors import ConfigError, InvalidOrderError, StockflowError
+from stockflow.errors import (
+    EXIT_CONFIG,
+    ConfigError,
+    InvalidOrderError,
+    StockflowError,
+)
 
 # Not a terminal (pipes, CI logs): no wrapping at 80 columns.
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
@@ -57,15 +63,30 @@ def settings(**overrides: Any) -> Settings:
 
 @app.callback()
 def _main(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
-    timestamps: Annotated[bool, typer.Option(help="Prefix log lines with the time.")] = False,
+    verbose: Annotated[
+        bool | None,
+        typer.Option("--verbose", "-v", help="Debug logging [default: STOCKFLOW_VERBOSE]."),
+    ] = None,
+    timestamps: Annotated[
+        bool | None,
+        typer.Option(
+            "--timestamps/--no-timestamps",
+            help="Prefix log lines with the time [default: STOCKFLOW_LOG_TIMESTAMPS].",
+        ),
+    ] = None,
 ) -> None:
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if timestamps else "%(message)s"
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format=fmt, stream=sys.stdout
-    )
-    for noisy in ("pymongo", "urllib3", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from stockflow.logs import setup_logging
+
+    s = settings(verbose=verbose, log_timestamps=timestamps)
+    # A worker child (``consume`` supervises one) reads its settings from the environment.
+    os.environ["STOCKFLOW_VERBOSE"] = "true" if s.verbose else "false"
+    os.environ["STOCKFLOW_LOG_TIMESTAMPS"] = "true" if s.log_timestamps else "false"
+    _secrets[:] = s.secrets()
+    setup_logging(verbose=s.verbose, timestamps=s.log_timestamps, secrets=_secrets)
+
+
+_secrets: list[str] = []
+"""The service passwords of this run: never printed (see ``main``)."""
 
 
 # --- stack ---
@@ -383,12 +404,29 @@ def demo(
         raise StockflowError(f"unexpected stock sequence {result.stocks}")
 
 
+def _fail(message: str, status: int) -> None:
+    from stockflow.logs import scrub
+
+    err.print(f"[red]error:[/red] {escape(scrub(message, _secrets))}", highlight=False)
+    sys.exit(status)
+
+
 def main() -> None:
-    """Entry point: StockflowError becomes a one-line message and exit status 1."""
+    """Entry point: an error becomes one line (no traceback, no secret) and a non-zero exit:
+    EXIT_CONFIG for settings stockflow cannot use, 1 for any other."""
     import stockflow.cli_ops  # noqa: F401  (registers the operator commands)
 
     try:
         app()
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_CONFIG)
     except StockflowError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        sys.exit(1)
+        _fail(str(exc), 1)
+    except Exception as exc:  # a bug, or a library error nobody turned into a message
+        import traceback
+
+        from stockflow.logs import scrub
+
+        if os.environ.get("STOCKFLOW_VERBOSE") == "true":
+            err.print(scrub(traceback.format_exc(), _secrets), markup=False, highlight=False)
+        _fail(f"{type(exc).__name__}: {exc} (-v shows where)", 1)

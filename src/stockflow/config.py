@@ -9,6 +9,7 @@ called, never at import time.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -22,6 +23,8 @@ ServiceName = Literal["kafka", "mongodb", "redis"]
 FerretBackend = Literal["sqlite", "postgresql"]
 
 LOOPBACK = "127.0.0.1"
+KAFKA_LOGGER = "stockflow.librdkafka"
+"""The logger librdkafka's own lines go to (``logs.py`` decides what is shown)."""
 
 
 def _default_cache_dir() -> Path:
@@ -237,6 +240,14 @@ class Settings(BaseSettings):
         "worker exits (status 75) without committing it.",
     )
 
+    # --- what the command line shows (the global -v and --timestamps; children inherit) ---
+    verbose: bool = Field(
+        default=False, description="Debug logging, librdkafka's own lines included (`-v`)."
+    )
+    log_timestamps: bool = Field(
+        default=False, description="Prefix log lines with the time (`--timestamps`)."
+    )
+
     # --- the local stack ---
     state_dir: Path = Field(
         default=Path(".stack"), description="Running state of the local stack: data, pids, logs."
@@ -329,11 +340,30 @@ class Settings(BaseSettings):
             "STOCKFLOW_GROUP_ID": self.group_id,
             "STOCKFLOW_COMMANDS_PARTITIONS": str(self.commands_partitions),
             "STOCKFLOW_BATCH_SIZE": str(self.batch_size),
+            "STOCKFLOW_VERBOSE": str(self.verbose).lower(),
+            "STOCKFLOW_LOG_TIMESTAMPS": str(self.log_timestamps).lower(),
         }
 
     def kafka_config(self, **extra: Any) -> dict[str, Any]:
-        """librdkafka configuration shared by every client, with ``extra`` on top."""
-        return {"bootstrap.servers": self.kafka_bootstrap, "client.id": "stockflow", **extra}
+        """librdkafka configuration shared by every client, with ``extra`` on top.
+
+        librdkafka's own log lines go to Python logging (``stockflow.librdkafka``, see
+        ``logs.py``) instead of straight to stderr.
+        """
+        return {
+            "bootstrap.servers": self.kafka_bootstrap,
+            "client.id": "stockflow",
+            "logger": logging.getLogger(KAFKA_LOGGER),
+            **extra,
+        }
+
+    def secrets(self) -> list[str]:
+        """Every password in the three service addresses, to keep out of what is shown."""
+        return [
+            secret
+            for url in (self.kafka_bootstrap, self.mongodb_url, self.redis_dsn)
+            for secret in url_secrets(url)
+        ]
 
     def addresses(self) -> dict[ServiceName, str]:
         """The three service addresses, passwords masked, for humans."""
