@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -58,10 +57,8 @@ TopicOpt = Annotated[
 
 
 def settings(**overrides: Any) -> Settings:
-    try:
-        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        raise ConfigError(f"invalid settings:\n{exc}") from None
+    """The settings, with the command line's options (those given) over the environment."""
+    return load_settings(**{k: v for k, v in overrides.items() if v is not None})
 
 
 @app.callback()
@@ -80,7 +77,12 @@ def _main(
 ) -> None:
     from stockflow.logs import setup_logging
 
-    s = settings(verbose=verbose, log_timestamps=timestamps)
+    try:
+        s = settings(verbose=verbose, log_timestamps=timestamps)
+    except ConfigError:
+        # The command reports it (in one line) when it reads its settings; --help still works.
+        setup_logging(verbose=bool(verbose), timestamps=bool(timestamps))
+        return
     # A worker child (``consume`` supervises one) reads its settings from the environment.
     os.environ["STOCKFLOW_VERBOSE"] = "true" if s.verbose else "false"
     os.environ["STOCKFLOW_LOG_TIMESTAMPS"] = "true" if s.log_timestamps else "false"

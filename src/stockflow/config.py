@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from stockflow.errors import ConfigError
 
 ServiceName = Literal["kafka", "mongodb", "redis"]
 FerretBackend = Literal["sqlite", "postgresql"]
@@ -374,6 +376,27 @@ class Settings(BaseSettings):
         }
 
 
+def _variable(field: str) -> str:
+    """The environment variable that sets ``field``."""
+    info = Settings.model_fields.get(field)
+    alias = info.validation_alias if info is not None else None
+    if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str):
+        return alias.choices[0]
+    return f"STOCKFLOW_{field.upper()}"
+
+
 def load_settings(**overrides: Any) -> Settings:
-    """Read the settings from the environment now; ``overrides`` win over the environment."""
-    return Settings(**overrides)
+    """Read the settings from the environment now; ``overrides`` win over the environment.
+
+    ConfigError (one line naming each variable, what is wrong and the value given) if any
+    setting is unusable.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = [
+            f"{_variable(str(error['loc'][0]) if error['loc'] else '?')}: {error['msg']}"
+            + (f" (got {error['input']!r})" if isinstance(error.get("input"), str | int) else "")
+            for error in exc.errors()
+        ]
+        raise ConfigError("invalid settings: " + "; ".join(problems)) from None

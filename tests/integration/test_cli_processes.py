@@ -84,7 +84,8 @@ def test_a_failing_supervised_worker_shows_no_password_either() -> None:
 def test_a_configuration_error_exits_78_with_one_line_and_no_restart() -> None:
     result = stockflow("consume", env={"STOCKFLOW_BATCH_SIZE": "0"}, timeout=30)
     assert result.returncode == EXIT_CONFIG
-    assert "batch_size" in result.stderr and "restarting" not in result.stderr
+    assert "STOCKFLOW_BATCH_SIZE" in result.stderr and "restarting" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
 
 

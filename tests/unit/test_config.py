@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stockflow.config import Settings, mask_url
+from stockflow.config import Settings, load_settings, mask_url
+from stockflow.errors import ConfigError
 
 
 @pytest.fixture(autouse=True)
@@ -123,3 +124,17 @@ def test_addresses_never_show_a_password(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("REDIS_URL", "redis://:redispw@cache:6379/0")
     shown = " ".join(Settings().addresses().values())
     assert not {"kafkapw", "mongopw", "redispw"} & set(re.findall(r"\w+", shown))
+
+
+def test_unusable_settings_are_one_line_naming_each_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("STOCKFLOW_BATCH_SIZE", "0")
+    monkeypatch.setenv("STOCKFLOW_COMMANDS_TOPIC", "")
+    monkeypatch.setenv("STOCKFLOW_MONGODB_SOCKET_TIMEOUT_MS", "soon")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "STOCKFLOW_BATCH_SIZE: Input should be greater than or equal to 1 (got '0')" in message
+    assert "STOCKFLOW_MONGODB_SOCKET_TIMEOUT_MS" in message and "'soon'" in message
