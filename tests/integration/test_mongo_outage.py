@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ import psutil
 import pytest
 import redis
 from confluent_kafka import Message
+from pydantic import SecretStr
 from pymongo.errors import NetworkTimeout, OperationFailure
 
 from stockflow.applier import Applier
@@ -34,8 +36,14 @@ from stockflow.ledger import Ledger
 from stockflow.mongo import mongo_client
 from stockflow.orders import Order
 from stockflow.outcomes import Outcome
+from stockflow.pipeline import open_pipeline
+from stockflow.planner import Decision
+from stockflow.producer import OrderProducer
 from stockflow.stack.ferretdb import FerretDBService
 from stockflow.stack.postgres import PostgresService
+from stockflow.topics import delete_topics
+from stockflow.worker import Worker
+from tests.integration.conftest import isolated, read_topic
 
 DEADLINE_MS = 2000
 
@@ -168,3 +176,50 @@ def test_postgres_hung_behind_ferretdb_times_out_as_transient(private: PrivateFe
         handled = applier.handle(_order(1))
         assert handled.counts == {Outcome.APPLIED.value: 1}
         assert inventory.stock_of(101) == 9
+
+
+def test_orders_wait_out_a_postgres_outage_instead_of_being_dead_lettered(
+    private: PrivateFerretDB, stack_settings: Settings
+) -> None:
+    """A whole worker (Kafka of the shared stack, isolated topics; the private FerretDB) with
+    PostgreSQL stopped for longer than the retries-then-dead-letter path takes (~5 s): every
+    order waits, and is applied once PostgreSQL is back."""
+    settings = isolated(stack_settings).model_copy(
+        update={
+            "mongodb_uri": SecretStr(private.settings.mongodb_url),
+            "mongodb_socket_timeout_ms": DEADLINE_MS,
+        }
+    )
+    decisions: list[Decision] = []
+    try:
+        with open_pipeline(settings) as pipeline:
+            pipeline.inventory.seed({101: 100})
+            worker = Worker(settings, pipeline, listener=decisions.append)
+            thread = threading.Thread(target=worker.run, daemon=True)
+            thread.start()
+            try:
+                assert worker.wait_assigned(60)
+                private.postgres.stop()
+                with OrderProducer(settings) as producer:
+                    for order_id in range(1, 11):
+                        producer.send(Order(order_id=order_id, product_id=101, quantity=1))
+                    assert producer.flush().delivered == 10
+                time.sleep(12)
+                assert decisions == []  # nothing decided while the database is away
+                assert worker.loops["applier"].handler.breaker.state.value == "open"
+                private.start_postgres()
+                deadline = time.monotonic() + 60
+                while len(decisions) < 10 and time.monotonic() < deadline:
+                    time.sleep(0.2)
+            finally:
+                worker.stop()
+                thread.join(30)
+            assert [d.outcome for d in decisions] == [Outcome.APPLIED] * 10
+            assert pipeline.inventory.stock_of(101) == 90
+            assert worker.stats.outcomes["dead_lettered"] == 0
+        assert read_topic(settings, settings.dlq_topic, timeout=5) == []
+    finally:
+        delete_topics(
+            settings,
+            [settings.topic, settings.commands_topic, settings.dlq_topic, settings.outcomes_topic],
+        )
