@@ -57,9 +57,10 @@ def _mask_query(query: str, found: list[str]) -> str:
 
 def _mask_one(url: str, found: list[str] | None = None) -> str:
     found = [] if found is None else found
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
+    # A scheme only if it looks like one: a password may hold "://" too.
+    match = re.match(r"([A-Za-z][A-Za-z0-9+.\-_]*)(://)", url)
+    scheme, sep = match.groups() if match else ("", "")
+    rest = url[match.end() :] if match else url
     query_at = rest.find("?")
     head = rest if query_at < 0 else rest[:query_at]
     # The userinfo ends at the last "@" before the query; a password holding a raw "?" puts

@@ -87,6 +87,7 @@ def test_state_dir_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         ("mongodb://u:a?b=c@h/db", "mongodb://u:***@h/db"),  # an unescaped "?" too
         ("SASL_SSL://u:pw@b1:9092,b2:9092", "SASL_SSL://u:***@b1:9092,b2:9092"),
         ("u:pw@b1:9092", "u:***@b1:9092"),
+        ("u:a://b@b1:9092", "u:***@b1:9092"),  # "://" inside a password is not a scheme
         ("b1:9092,b2:9092", "b1:9092,b2:9092"),
         ("mongodb://[::1]:27017/", "mongodb://[::1]:27017/"),
         ("", ""),
@@ -104,6 +105,8 @@ FORMS = [
     "rediss://{pw}@cache:6380/1",
     "u:{pw}@broker:9092,broker2:9092",
     "mongodb://h:1/?authSource=admin&password={pw}&appName=x",
+    "SASL_SSL://u:{pw}@b:9092",
+    "mongodb://u:{pw}@h/?password={pw}",
 ]
 
 
