@@ -51,6 +51,10 @@ class TopicError(StockflowError):
     """A topic could not be created, listed or described."""
 
 
+class KafkaUnavailableError(TopicError, ServiceUnavailableError):
+    """Kafka did not answer a topic request: the broker is away, not the topic wrong."""
+
+
 class TransientError(StockflowError):
     """A failure worth retrying: a service is down or busy, or a write raced another."""
 

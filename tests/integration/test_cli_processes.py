@@ -89,6 +89,18 @@ def test_a_configuration_error_exits_78_with_one_line_and_no_restart() -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_a_worker_that_cannot_reach_kafka_exits_75_to_be_restarted() -> None:
+    """Kafka away at start is transient (restart later), not the worker's verdict (1)."""
+    result = stockflow(
+        "consume",
+        "--no-supervise",
+        env={"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9", "STOCKFLOW_KAFKA_TIMEOUT_SECONDS": "2"},
+    )
+    assert result.returncode == EXIT_TEMPFAIL, result.stderr
+    assert "cannot reach Kafka at 127.0.0.1:9" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_the_supervisor_gives_up_on_a_worker_with_a_configuration_error() -> None:
     """The child's own verdict (78) stops the supervisor at once."""
     from stockflow.supervisor import supervise
