@@ -89,13 +89,12 @@ def test_a_configuration_error_exits_78_with_one_line_and_no_restart() -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_a_worker_that_cannot_reach_kafka_exits_75_to_be_restarted() -> None:
+def test_a_worker_that_cannot_reach_kafka_exits_75_to_be_restarted(
+    worker_env: dict[str, str],
+) -> None:
     """Kafka away at start is transient (restart later), not the worker's verdict (1)."""
-    result = stockflow(
-        "consume",
-        "--no-supervise",
-        env={"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9", "STOCKFLOW_KAFKA_TIMEOUT_SECONDS": "2"},
-    )
+    away = {"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9", "STOCKFLOW_KAFKA_TIMEOUT_SECONDS": "2"}
+    result = stockflow("consume", "--no-supervise", env={**worker_env, **away})
     assert result.returncode == EXIT_TEMPFAIL, result.stderr
     assert "cannot reach Kafka at 127.0.0.1:9" in result.stderr
     assert "Traceback" not in result.stderr
