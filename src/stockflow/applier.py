@@ -32,7 +32,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from confluent_kafka import Message
-from pymongo.errors import ConnectionFailure, OperationFailure
+from pymongo.errors import PyMongoError
 
 from stockflow.cache import ProductCache, product_version
 from stockflow.config import Settings
@@ -40,6 +40,7 @@ from stockflow.consumer import Handled, Output
 from stockflow.errors import ConcurrentWriteError, InvalidOrderError, TopicError, TransientError
 from stockflow.inventory import Inventory, Product
 from stockflow.ledger import Ledger, to_event
+from stockflow.mongo import classify
 from stockflow.outcomes import Outcome, dead_letter_headers, source_of
 from stockflow.planner import MARKER, Decision, Entry, Plan, ProductChange, plan_batch
 from stockflow.retry import CircuitBreaker
@@ -128,10 +129,6 @@ class ProductMemory:
         self._docs[product_id] = doc
 
 
-# Errors a MongoDB-compatible server reports while it is starting, stepping down or busy.
-TRANSIENT_CODES = {6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436}
-
-
 class Applier:
     """The stage-2 handler."""
 
@@ -183,11 +180,12 @@ class Applier:
         self._clock("decode")
         try:
             decisions = self._apply(entries)
-        except ConnectionFailure as exc:
-            raise TransientError(f"MongoDB unreachable: {exc}") from exc
-        except OperationFailure as exc:
-            if exc.code in TRANSIENT_CODES:
-                raise TransientError(f"MongoDB busy: {exc}") from exc
+        except PyMongoError as exc:
+            # An outage, however long, is waited out; only an error about the batch itself
+            # goes on to the retries that end in dead letters (``mongo.classify``).
+            why = classify(exc)
+            if why is not None:
+                raise TransientError(f"MongoDB unavailable ({why}): {exc}") from exc
             raise
         at = time.time()
         by_position = {(m.partition(), m.offset()): m for m in messages}

@@ -31,16 +31,6 @@ FEW = 32
 """Up to this many products are looked up one by one rather than with one ``$in`` query."""
 
 
-def mongo_client(settings: Settings) -> MongoClient[Product]:
-    """A client for the configured server (a real MongoDB or the local FerretDB)."""
-    return MongoClient(
-        settings.mongodb_url,
-        serverSelectionTimeoutMS=settings.mongodb_timeout_ms,
-        appname="stockflow",
-        tz_aware=True,
-    )
-
-
 def _version_filter(change: ProductChange) -> dict[str, Any]:
     """The marker the change was planned from: its version, or no marker at all."""
     if change.expected_version is None:

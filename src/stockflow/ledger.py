@@ -79,7 +79,11 @@ def insert_all(
             collection.insert_many(chunk, ordered=False)
         except BulkWriteError as exc:
             errors = exc.details.get("writeErrors", [])
-            if any(err.get("code") != DUPLICATE_KEY for err in errors):
+            # Write-concern errors: the inserts were not confirmed durable, so nothing here
+            # counts as done (``mongo.classify`` takes them as transient: wait and redo).
+            if exc.details.get("writeConcernErrors") or any(
+                err.get("code") != DUPLICATE_KEY for err in errors
+            ):
                 raise
             return {chunk[err["index"]]["_id"] for err in errors}
         return set()

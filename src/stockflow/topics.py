@@ -12,7 +12,7 @@ from confluent_kafka.admin import (
 
 from stockflow import kafka_clients
 from stockflow.config import Settings
-from stockflow.errors import TopicError
+from stockflow.errors import KafkaUnavailableError, TopicError
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,9 @@ def list_topics(settings: Settings, *, include_internal: bool = False) -> list[T
     try:
         metadata = admin_client(settings).list_topics(timeout=settings.kafka_timeout_seconds)
     except KafkaException as exc:
-        raise TopicError(f"cannot list topics at {settings.kafka_bootstrap}: {exc}") from None
+        raise KafkaUnavailableError(
+            f"cannot list topics at {settings.addresses()['kafka']}: {exc}"
+        ) from None
     topics = []
     for name, topic in sorted(metadata.topics.items()):
         if name.startswith("__") and not include_internal:
@@ -67,11 +69,13 @@ def require_topic(settings: Settings, topic: str) -> int:
     try:
         metadata = admin_client(settings).list_topics(topic, timeout=settings.kafka_timeout_seconds)
     except KafkaException as exc:
-        raise TopicError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc}") from None
+        raise KafkaUnavailableError(
+            f"cannot reach Kafka at {settings.addresses()['kafka']}: {exc}"
+        ) from None
     found = metadata.topics.get(topic)
     if found is None or found.error is not None:
         raise TopicError(
-            f"topic {topic!r} does not exist at {settings.kafka_bootstrap}; create it with "
+            f"topic {topic!r} does not exist at {settings.addresses()['kafka']}; create it with "
             f"`stockflow topics create {topic} --partitions N`"
         )
     return len(found.partitions)

@@ -56,7 +56,7 @@ class KafkaService(Service):
 
     @property
     def address(self) -> str:
-        return self.settings.kafka_bootstrap
+        return self.settings.addresses()["kafka"]
 
     @property
     def libs(self) -> Path:
