@@ -253,9 +253,25 @@ def produce(
     raw: Annotated[
         bool, typer.Option(help="Send the lines as they are, without validating them.")
     ] = False,
+    partitioner: Annotated[
+        str | None,
+        typer.Option(
+            help="Where orders go: product (key = productId, the default), partition (all to "
+            "--partition N), round-robin, customer (key = customerId, else productId) or "
+            "broadcast (each to every --partitions 0,2,5 or all). Prints each order's partition.",
+        ),
+    ] = None,
+    partition: Annotated[
+        int | None, typer.Option(help="The partition of --partitioner partition.")
+    ] = None,
+    partitions: Annotated[
+        str | None,
+        typer.Option(help="The partitions of --partitioner broadcast: 0,2,5 or all."),
+    ] = None,
 ) -> None:
     """Publish orders with delivery reports; exits 1 if any order is invalid or undelivered."""
     from stockflow.orders import decode_order
+    from stockflow.partitioning import make_partitioner
     from stockflow.producer import OrderProducer
 
     lines = list(orders or [])
@@ -263,22 +279,36 @@ def produce(
         lines.extend(_read_lines(file))
     if not lines:
         raise typer.BadParameter("give orders as arguments or with --file")
+    if raw and partitioner is not None:
+        raise typer.BadParameter("--raw sends lines unread; --partitioner needs valid orders")
+    strategy = make_partitioner(
+        partitioner or "product", partition=partition, partitions=partitions
+    )
     from stockflow.topics import require_topic
 
     s = settings(topic=topic)
     require_topic(s, s.topic)
     invalid = 0
-    with OrderProducer(s) as producer:
+    placed: dict[int, tuple[int | str, list[int]]] = {}
+    with OrderProducer(s, partitioner=strategy) as producer:
         for number, line in enumerate(lines, 1):
             if raw:
                 producer.send_raw(line.encode())
                 continue
             try:
-                producer.send(decode_order(line.encode()))
+                order = decode_order(line.encode())
             except InvalidOrderError as exc:
                 invalid += 1
                 err.print(f"[red]order {number} not sent:[/red] {exc.reason}")
+                continue
+            placed[number] = (order.order_id, [])
+            producer.send(order, on_partition=placed[number][1].append)
         report = producer.flush()
+    if partitioner is not None:
+        for number, (order_id, where) in placed.items():
+            listed = ", ".join(map(str, sorted(where))) or "not delivered"
+            word = "partitions" if len(where) > 1 else "partition"
+            console.print(f"order {number} (orderId {order_id}) -> {word} {listed}")
     console.print(
         f"{report.delivered} delivered to {s.topic}, {report.failed} failed, {invalid} invalid"
     )
