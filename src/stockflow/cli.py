@@ -199,6 +199,79 @@ def topics_list() -> None:
     console.print(table)
 
 
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+
+@topics_app.command("describe")
+def topics_describe(
+    name: Annotated[str, typer.Argument(help="Topic name.")], as_json: JsonOpt = False
+) -> None:
+    """Show a topic's partitions: leader, replicas, in-sync replicas and end offset."""
+    from dataclasses import asdict
+
+    from stockflow.topics import describe_topic
+
+    topic = describe_topic(settings(), name)
+    if as_json:
+        print(json.dumps(asdict(topic), indent=2))
+        return
+    console.print(
+        f"topic {topic.name} (id {topic.topic_id or '-'}): {len(topic.partitions)} partition(s)"
+    )
+    table = Table("partition", "leader", "replicas", "in-sync", "end offset")
+    for p in topic.partitions:
+        table.add_row(
+            str(p.partition),
+            "-" if p.leader is None else str(p.leader),
+            ",".join(map(str, p.replicas)),
+            ",".join(map(str, p.in_sync)),
+            str(p.end_offset),
+        )
+    console.print(table)
+
+
+@app.command("groups")
+def groups(
+    group: Annotated[
+        str | None,
+        typer.Argument(help="The pipeline's group (the appliers') [default: STOCKFLOW_GROUP_ID]."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show both stages' consumer groups (GROUP-router and GROUP): members, their assigned
+    partitions, and per partition the committed offset, end offset and lag."""
+    from dataclasses import asdict
+
+    from stockflow.groups import pipeline_groups
+
+    found = pipeline_groups(settings(), group)
+    if as_json:
+        print(json.dumps([{**asdict(g), "lag": g.lag} for g in found], indent=2))
+        return
+    for g in found:
+        console.print(
+            f"[bold]{g.group_id}[/bold] ({g.stage} stage): {g.state}, {len(g.members)} member(s), "
+            f"coordinator {g.coordinator if g.coordinator is not None else '-'}, lag {g.lag}"
+        )
+        members = Table("client id", "host", "member id", "assigned")
+        for m in g.members:
+            assigned = ", ".join(f"{t}[{p}]" for t, p in m.assignment) or "-"
+            members.add_row(m.client_id, m.host, m.member_id, assigned)
+        if g.members:
+            console.print(members)
+        table = Table("topic", "partition", "committed", "end offset", "lag", "owner")
+        for row in g.partitions:
+            table.add_row(
+                row.topic,
+                str(row.partition),
+                "-" if row.committed is None else str(row.committed),
+                str(row.end_offset),
+                str(row.lag),
+                row.owner or "-",
+            )
+        console.print(table)
+
+
 # --- products ---
 @products_app.command("seed")
 def products_seed() -> None:
