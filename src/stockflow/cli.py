@@ -423,6 +423,15 @@ def consume(
         Path | None,
         typer.Option(help="At exit, write what the worker did (counts, seconds per step) as JSON."),
     ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Worker processes to run under this supervisor, each a member of the "
+            "consumer groups (Kafka spreads the partitions over them); each is restarted on "
+            "its own; --max-messages then counts for each.",
+        ),
+    ] = 1,
     supervisor_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Run a worker: route the topic's orders by product, apply them to stock exactly once.
@@ -436,6 +445,10 @@ def consume(
     if not set(roles) <= {"router", "applier"}:
         raise typer.BadParameter("--role is router, applier or both")
     s = settings(topic=topic, group_id=group)  # a configuration error stops here, once
+    if workers > 1 and not supervise:
+        raise typer.BadParameter(
+            "--workers N runs N processes under a supervisor: drop --no-supervise"
+        )
     if supervise:
         from stockflow.supervisor import supervise as run_supervised
 
@@ -446,7 +459,7 @@ def consume(
         args += ["--max-messages", str(max_messages)] if max_messages is not None else []
         args += ["--stats-file", str(stats_file)] if stats_file is not None else []
         say = lambda line: err.print(f"[yellow]{escape(line)}[/yellow]")  # noqa: E731
-        raise typer.Exit(run_supervised(args, say=say))
+        raise typer.Exit(run_supervised(args, say=say, workers=workers))
     if supervisor_pid is not None:
         from stockflow.supervisor import die_with_parent
 
