@@ -9,7 +9,11 @@ worker processes is in tests/chaos.
 
 from __future__ import annotations
 
+import os
 import random
+import re
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -171,3 +175,49 @@ def test_each_strategy_sends_where_it_promises_and_stock_stays_right(
     # The books: every applied order's quantity left the stock, and the stock ran out.
     assert report.outcomes["applied"] + report.outcomes["insufficient_stock"] == ORDERS
     assert report.outcomes["insufficient_stock"] > 0
+
+
+def stockflow(s: Settings, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stockflow", *args],
+        input=stdin,
+        env={**os.environ, **s.worker_environment()},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_produce_partitioner_prints_where_each_order_went(six: Settings) -> None:
+    lines = "".join(
+        f'{{"orderId": {i}, "productId": {101 + i % 2}, "quantity": 1, "customerId": "c{i % 3}"}}\n'
+        for i in range(1, 7)
+    )
+    printed: dict[int, list[int]] = {}
+    for options in (["broadcast", "--partitions", "0,2,5"], ["round-robin"], ["customer"]):
+        result = stockflow(six, "produce", "--file", "-", "--partitioner", *options, stdin=lines)
+        assert result.returncode == 0, result.stderr
+        shown = re.findall(r"order \d+ \(orderId (\d+)\) -> partitions? ([\d, ]+)", result.stdout)
+        assert len(shown) == 6, result.stdout
+        for order_id, where in shown:
+            printed.setdefault(int(order_id), []).extend(int(p) for p in where.split(","))
+    read: dict[int, list[int]] = defaultdict(list)
+    for message in read_topic(six, six.topic):
+        order = decode_order(message.value())  # type: ignore[attr-defined]
+        read[int(order.order_id)].append(message.partition())  # type: ignore[attr-defined]
+    assert {k: sorted(v) for k, v in read.items()} == {k: sorted(v) for k, v in printed.items()}
+    assert all(len(v) == 5 for v in read.values())  # three broadcast copies, two single sends
+
+
+def test_produce_to_a_partition_the_topic_lacks_is_one_line_and_sends_nothing(
+    six: Settings,
+) -> None:
+    order = '{"orderId": 1, "productId": 101, "quantity": 1}'
+    for options in (["partition", "--partition", "6"], ["broadcast", "--partitions", "1,9"]):
+        result = stockflow(six, "produce", order, "--partitioner", *options)
+        assert result.returncode == 1
+        assert "does not exist: the topic has 6" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    wrong = stockflow(six, "produce", order, "--partitioner", "partition")
+    assert wrong.returncode == 1 and "needs --partition N" in wrong.stderr
+    assert read_topic(six, six.topic, timeout=3) == []
