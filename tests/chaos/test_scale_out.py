@@ -1,10 +1,14 @@
-"""Every non-default partitioning strategy at scale: 50,000 orders (``STOCKFLOW_CHAOS_SCALE``
-of that in ``make test``) produced with it over six input partitions, consumed by a pool of
-three worker processes (``stockflow consume --workers 3``), while they arrive.
+"""Scaling out at size (``STOCKFLOW_CHAOS_SCALE`` of it in ``make test``):
 
-One product's orders reach several routers (round-robin, customer), or every order arrives
-three times (broadcast): the audit must be clean, no stock negative, every broadcast copy but
-one ``duplicate``. Nothing is broken here, so these runs are safe on a shared stack.
+- every non-default partitioning strategy: 50,000 orders produced with it over six input
+  partitions, consumed by a pool of three worker processes (``stockflow consume --workers 3``)
+  while they arrive. One product's orders reach several routers (round-robin, customer), or
+  every order arrives three times (broadcast): the audit must be clean, no stock negative,
+  every broadcast copy but one ``duplicate``;
+- workers scaled 1 -> 3 -> 1 while orders flow (independent processes, as on several hosts):
+  every message one outcome, audit clean.
+
+Nothing of the stack is broken here, so these runs are safe on a shared stack.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -162,3 +167,81 @@ def test_a_strategy_at_scale_with_three_workers(
     assert report.outcomes["duplicate"] == orders * (copies - 1)
     assert report.outcomes["applied"] + report.outcomes["insufficient_stock"] == orders
     assert report.outcomes["insufficient_stock"] > 0
+
+
+def test_workers_scaled_one_to_three_to_one_mid_stream(
+    pipeline_settings: Settings, tmp_path: Path
+) -> None:
+    s = pipeline_settings
+    orders = max(500, int(30_000 * SCALE))
+    with open_pipeline(s) as pipeline:
+        pipeline.inventory.seed({pid: max(3, orders // PRODUCTS) for pid in range(1, PRODUCTS + 1)})
+    env = {**os.environ, **s.worker_environment()}
+    logs = []
+
+    def start() -> subprocess.Popen[bytes]:
+        logs.append((tmp_path / f"worker-{len(logs)}.log").open("wb"))
+        return subprocess.Popen(
+            [sys.executable, "-m", "stockflow", "consume", "--no-supervise", "--quiet"],
+            env=env,
+            stdout=logs[-1],
+            stderr=subprocess.STDOUT,
+        )
+
+    def members() -> int:
+        try:
+            return len(describe_group(s, s.group_id).members)
+        except StockflowError:
+            return 0
+
+    workers = [start()]
+    counts: list[int] = []
+    producing = threading.Thread(
+        target=produce, args=(s, "round-robin", {}, orders), kwargs={"rate": orders / 40}
+    )
+    started = time.monotonic()
+    try:
+        producing.start()
+        time.sleep(10)
+        counts.append(members())
+        workers += [start(), start()]  # scale up mid-stream
+        time.sleep(12)
+        counts.append(members())
+        for worker in workers[1:]:  # and down again: they finish or abandon their batch
+            worker.send_signal(signal.SIGTERM)
+        for worker in workers[1:]:
+            worker.wait(60)
+            assert worker.returncode == 0
+        producing.join()
+        deadline = time.monotonic() + 900
+        while not settled(s, orders):
+            assert time.monotonic() < deadline, f"not settled in time; see {tmp_path}"
+            time.sleep(2)
+        counts.append(members())
+        seconds = time.monotonic() - started
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+                try:
+                    worker.wait(60)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+        for log in logs:
+            log.close()
+    with open_pipeline(s) as pipeline:
+        report = run_audit(s, pipeline)
+        negative = pipeline.inventory.products.count_documents({"stock": {"$lt": 0}})
+    line = (
+        f"scaling 1->3->1: {orders} orders, applier members {counts}; outcomes "
+        f"{dict(sorted(report.outcomes.items()))}; discrepancies {report.discrepancies}; "
+        f"negative stock {negative}; {seconds:.0f}s"
+    )
+    print(line)
+    with Path(os.environ.get("STOCKFLOW_CHAOS_LOG", "/dev/null")).open("a") as out:
+        out.write(line + "\n")
+    assert counts == [1, 3, 1]
+    assert report.ok, report
+    assert negative == 0
+    assert report.messages_checked == orders
+    assert report.outcomes["applied"] + report.outcomes["insufficient_stock"] == orders
