@@ -171,3 +171,29 @@ def test_a_worker_giving_up_stops_the_whole_pool(tmp_path: object) -> None:
     assert status == EXIT_CONFIG and time.monotonic() - began < 10
     assert any("configuration error" in line for line in said)
     assert any("stopping the other workers" in line for line in said)
+
+
+def test_no_worker_of_a_pool_outlives_a_supervisor_killed_with_sigkill(three: Settings) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stockflow", "consume", "--workers", "3", "--quiet"],
+        env={**os.environ, **three.worker_environment()},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    supervisor = psutil.Process(proc.pid)
+    pool: list[psutil.Process] = []
+    try:
+        wait_for(lambda: len(children(supervisor)) == 3, 30, "three workers")
+        pool = children(supervisor)
+        time.sleep(3)  # let them get going (pipeline open, groups joined)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        _, alive = psutil.wait_procs(pool, timeout=20)
+        assert not alive, f"workers outlived their supervisor: {alive}"
+    finally:
+        for child in pool:
+            if child.is_running():
+                child.kill()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
