@@ -446,9 +446,9 @@ def consume(
         raise typer.BadParameter("--role is router, applier or both")
     s = settings(topic=topic, group_id=group)  # a configuration error stops here, once
     if workers > 1 and not supervise:
-        raise typer.BadParameter(
-            "--workers N runs N processes under a supervisor: drop --no-supervise"
-        )
+        raise typer.BadParameter("--workers N runs N processes under a supervisor")
+    if workers > 1 and stats_file is not None:
+        raise typer.BadParameter("--stats-file is for one worker (each would overwrite it)")
     if supervise:
         from stockflow.supervisor import supervise as run_supervised
 
