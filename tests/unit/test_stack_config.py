@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 from stockflow.config import Settings
 from stockflow.stack import Stack, process
 from stockflow.stack.kafka import KafkaService, kraft_cluster_id
+from stockflow.stack.redis import RedisService
 
 
 def test_cluster_id_has_kafkas_format() -> None:
@@ -68,6 +70,54 @@ def test_pidfile_of_a_recycled_pid_is_not_trusted(tmp_path: Path) -> None:
     finally:
         other.kill()
         other.wait()
+
+
+def _started(argv: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
+    """A child that has exec'd (before that, its command line is empty)."""
+    proc = subprocess.Popen(argv, **kwargs)  # type: ignore[call-overload]
+    cmdline = Path(f"/proc/{proc.pid}/cmdline")
+    deadline = time.monotonic() + 10
+    while not cmdline.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return proc
+
+
+def test_a_recycled_pid_running_the_same_program_is_not_signalled(tmp_path: Path) -> None:
+    """A pid file names a pid that now belongs to another process of the same program (the
+    recorded one ended, the pid was reused): ``stack down`` must leave it alone."""
+    other = _started(["sleep", "30"], start_new_session=True)
+    try:
+        ticks = process.proc_start_ticks(other.pid)
+        assert ticks is not None
+        service = RedisService(Settings(state_dir=tmp_path))
+        service.pidfile.parent.mkdir(parents=True)
+        service.pidfile.write_text(
+            f'{{"pid": {other.pid}, "argv0": "/usr/bin/sleep", "started_at": 0, '
+            f'"start_ticks": {ticks - 1}}}'
+        )
+        assert process.read_pidfile(service.pidfile) is None
+        assert service.stop() == "not running"
+        assert other.poll() is None, "stack down signalled a process it did not start"
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_pidfile_records_the_start_time_and_an_older_pidfile_still_works(tmp_path: Path) -> None:
+    pidfile = tmp_path / "p.pid"
+    record = process.spawn(
+        ["sleep", "30"], pidfile=pidfile, logfile=tmp_path / "p.log", cwd=tmp_path
+    )
+    try:
+        data = json.loads(pidfile.read_text())
+        assert data["start_ticks"] == process.proc_start_ticks(record.pid)
+        # A pid file written before start times were recorded: trusted on the program name.
+        del data["start_ticks"]
+        pidfile.write_text(json.dumps(data))
+        found = process.read_pidfile(pidfile)
+        assert found is not None and found.pid == record.pid
+    finally:
+        process.terminate(record.pid, timeout=5)
 
 
 def test_wait_until_reports_a_process_that_died(tmp_path: Path) -> None:
