@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import stat
 import subprocess
 import sys
 import time
@@ -11,7 +12,9 @@ from pathlib import Path
 
 from stockflow.config import Settings
 from stockflow.stack import Stack, process
+from stockflow.stack.ferretdb import FerretDBService
 from stockflow.stack.kafka import KafkaService, kraft_cluster_id
+from stockflow.stack.postgres import HBA_CONF, PostgresService, ensure_password, read_password
 from stockflow.stack.redis import RedisService
 
 
@@ -148,3 +151,29 @@ def test_broker_version_is_found_after_the_log_rolled(tmp_path: Path) -> None:
     assert kafka._broker_version() == "4.3.1"
     (logs / "server.log").write_text("INFO Kafka version: 9.9.9\n")  # restarted since
     assert kafka._broker_version() == "9.9.9"
+
+
+def test_the_postgres_password_is_random_owner_only_and_kept(tmp_path: Path) -> None:
+    first = ensure_password(tmp_path / "a" / "password")
+    second = ensure_password(tmp_path / "b" / "password")
+    assert first != second and len(first) >= 24
+    assert stat.S_IMODE((tmp_path / "a" / "password").stat().st_mode) == 0o600
+    assert ensure_password(tmp_path / "a" / "password") == first  # kept across starts
+    assert read_password(tmp_path / "missing") is None  # an older version's trust cluster
+
+
+def test_pg_hba_trusts_no_one() -> None:
+    methods = {line.split()[-1] for line in HBA_CONF.splitlines() if line and line[0] != "#"}
+    assert methods == {"peer", "scram-sha-256"}
+
+
+def test_ferretdb_gets_the_password_in_its_environment_not_its_command_line(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(state_dir=tmp_path)
+    password = ensure_password(tmp_path / "postgres" / "password")
+    ferretdb = FerretDBService(settings)
+    assert ferretdb.env() == {"PGPASSWORD": password}
+    assert not any(password in arg for arg in ferretdb.argv())
+    assert password not in PostgresService(settings).address
+    assert FerretDBService(Settings(state_dir=tmp_path, ferretdb_backend="sqlite")).env() == {}
