@@ -2,8 +2,10 @@
 
 ``make chaos`` runs the full sizes (50,000 orders with five ``kill -9``); the test suite runs
 the same scenarios smaller (``STOCKFLOW_CHAOS_SCALE``, default 0.1 here) so they keep working.
-The faults act on the local stack's own services, so these scenarios skip when a service is
-the user's own.
+The faults act on the local stack's own services. Addresses exported by
+``eval "$(stockflow stack env)"`` name those same services, so they are taken back as local;
+a service that is really the user's own makes every scenario skip, saying which, and a run
+in which every scenario skipped fails (``conftest.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from stockflow.config import Settings, load_settings
-from stockflow.stack import Stack
+from stockflow.stack import Stack, take_back_own
 from stockflow.stack.ferretdb import FerretDBService
 from stockflow.stack.kafka import KafkaService
 from stockflow.stack.redis import RedisService
@@ -30,10 +32,13 @@ pytestmark = [pytest.mark.chaos, pytest.mark.timeout(900)]
 
 @pytest.fixture(scope="module")
 def base() -> Iterator[Settings]:
-    settings = load_settings()
-    for name in ("kafka", "mongodb", "redis"):
-        if settings.is_external(name):  # type: ignore[arg-type]
-            pytest.skip(f"{name} is the user's own: chaos runs only break the local stack")
+    settings, foreign = take_back_own(load_settings())
+    if foreign:
+        pytest.skip(
+            "chaos runs break only the local stack's own services, and "
+            + "; ".join(foreign)
+            + ": unset it to run them on the local stack"
+        )
     Stack(settings).up()
     yield settings
     Stack(settings).up()  # leave everything running, whatever a scenario did

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from stockflow.config import Settings
-from stockflow.stack import Stack, process
+from stockflow.stack import Stack, process, take_back_own
 from stockflow.stack.ferretdb import FerretDBService
 from stockflow.stack.kafka import KafkaService, kraft_cluster_id
 from stockflow.stack.postgres import HBA_CONF, PostgresService, ensure_password, read_password
@@ -177,3 +177,34 @@ def test_ferretdb_gets_the_password_in_its_environment_not_its_command_line(
     assert not any(password in arg for arg in ferretdb.argv())
     assert password not in PostgresService(settings).address
     assert FerretDBService(Settings(state_dir=tmp_path, ferretdb_backend="sqlite")).env() == {}
+
+
+def test_addresses_of_the_local_stack_are_taken_back_only_while_it_runs(tmp_path: Path) -> None:
+    """``eval "$(stockflow stack env)"`` exports the local stack's own addresses: the chaos
+    harness may break those services, but never a look-alike address or a stopped stack."""
+    base = Settings(state_dir=tmp_path, redis_port=41003)
+    exported = {
+        "KAFKA_BOOTSTRAP_SERVERS": base.kafka_bootstrap,
+        "MONGODB_URI": base.mongodb_url,
+        "REDIS_URL": "redis://127.0.0.1:41003/0",
+    }
+    settings = Settings(state_dir=tmp_path, redis_port=41003, **exported)  # type: ignore[arg-type]
+    _, foreign = take_back_own(settings)
+    assert len(foreign) == 3 and all("no live pid file" in line for line in foreign)
+
+    redis = RedisService(base)
+    record = process.spawn(
+        ["sleep", "30"], pidfile=redis.pidfile, logfile=redis.logfile, cwd=tmp_path
+    )
+    try:
+        taken, foreign = take_back_own(settings)
+        assert not taken.is_external("redis") and taken.redis_dsn == exported["REDIS_URL"]
+        assert taken.is_external("kafka") and len(foreign) == 2
+        other = Settings(state_dir=tmp_path, redis_port=41003, redis_url="redis://h:41003/0")
+        _, foreign = take_back_own(other)
+        assert foreign == [
+            f"REDIS_URL=redis://h:41003/0 is not this local stack's address "
+            f"(redis://127.0.0.1:41003/0, state folder {tmp_path})"
+        ]
+    finally:
+        process.terminate(record.pid, timeout=5)
