@@ -218,3 +218,46 @@ def test_postgres_has_a_password_and_private_data_and_older_clusters_are_migrate
             shutil.rmtree(legacy_data_dir(service.dir), ignore_errors=True)
             if service.location_file.exists():
                 shutil.rmtree(service.data_dir.parent, ignore_errors=True)
+
+
+def test_the_seed_story_runs_on_a_kafka_3_9_stack(tmp_path: Path) -> None:
+    """Clients that speak only Kafka's old protocol versions (the seed's kafka-node; Kafka 4
+    removed them, KIP-896) need a broker <= 3.9: ``STOCKFLOW_KAFKA_VERSION=3.9.1`` runs one,
+    and the seed's story (``stockflow demo``) must hold on it. A private stack of its own
+    (ports, state); the first run resolves 3.9.1's jars into the cache."""
+    ports = _free_ports(5)
+    state = tmp_path / "state"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("STOCKFLOW_")},
+        "STOCKFLOW_STATE_DIR": str(state),
+        "STOCKFLOW_KAFKA_VERSION": "3.9.1",
+        "STOCKFLOW_KAFKA_PORT": str(ports[0]),
+        "STOCKFLOW_KAFKA_CONTROLLER_PORT": str(ports[1]),
+        "STOCKFLOW_FERRETDB_PORT": str(ports[2]),
+        "STOCKFLOW_REDIS_PORT": str(ports[3]),
+        "STOCKFLOW_POSTGRES_PORT": str(ports[4]),
+        "COLUMNS": "250",
+    }
+    for name in ("KAFKA_BOOTSTRAP_SERVERS", "MONGODB_URI", "REDIS_URL"):
+        env.pop(name, None)
+
+    def stockflow(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "stockflow", *args],
+            capture_output=True, text=True, timeout=timeout, env=env, check=False,
+        )  # fmt: skip
+
+    postgres = PostgresService(Settings(state_dir=state))
+    try:
+        demo = stockflow("demo", timeout=600)
+        out = demo.stdout + demo.stderr
+        assert demo.returncode == 0, out
+        assert "Apache Kafka 3.9.1 (KRaft" in out
+        assert "Final stock of product 101: 96 (100 -> 99 -> 96 -> 96)" in out
+    finally:
+        down = stockflow("stack", "down", timeout=120)
+        if postgres.location_file.exists():
+            shutil.rmtree(postgres.data_dir.parent, ignore_errors=True)
+    assert down.returncode == 0, down.stdout + down.stderr
+    for port in ports:
+        assert not port_open("127.0.0.1", port), f"port {port} still open"
