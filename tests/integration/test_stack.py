@@ -253,6 +253,8 @@ def test_the_seed_story_runs_on_a_kafka_3_9_stack(tmp_path: Path) -> None:
         out = demo.stdout + demo.stderr
         assert demo.returncode == 0, out
         assert "Apache Kafka 3.9.1 (KRaft" in out
+        # The broker's own word, not the configured version: its log says which one runs.
+        assert "Kafka version: 3.9.1" in (state / "kafka" / "logs" / "server.log").read_text()
         assert "Final stock of product 101: 96 (100 -> 99 -> 96 -> 96)" in out
     finally:
         down = stockflow("stack", "down", timeout=120)
