@@ -223,7 +223,7 @@ def test_two_pipelines_on_one_database_with_shared_products(base: Settings, log_
     """Two input topics, two groups and workers, one database, the same 20 products written by
     both at once, one kill -9 in each: every message of each topic one outcome, and every
     product's stock what both pipelines' recorded outcomes say."""
-    orders = n(20_000)
+    orders = n(10_000)  # per pipeline
 
     def kills(pools: list[Workers], rng: random.Random, faults: list[str]) -> None:
         for i, pool in enumerate(pools):
