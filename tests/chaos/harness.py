@@ -244,24 +244,8 @@ def run_chaos(
         producing.join()
         result.orders, result.restocks, result.malformed = producer_result[0]
         total = sum(producer_result[0])
-        deadline = time.monotonic() + timeout
-        with open_pipeline(s) as pipeline:
-            while deadline > time.monotonic():
-                if pool.revive():
-                    result.faults.append("a worker exited and was restarted")
-                # Cheap first: has the router committed the whole input topic?
-                try:
-                    behind = sum(group_lag(s, s.router_group_id, s.topic).values())
-                except StockflowError:  # the broker is still coming back
-                    behind = 1
-                if behind:
-                    time.sleep(1)
-                    continue
-                report = run_audit(s, pipeline, messages=False)
-                decided = sum(v for k, v in report.outcomes.items() if k != "pending")
-                if decided + _dead_letters(s) >= total and not report.pending:
-                    break
-                time.sleep(3)
+        if _wait_for_outcomes((s,), [pool], total, time.monotonic() + timeout):
+            result.faults.append("a worker exited and was restarted")
         pool.stop()
         with open_pipeline(s) as pipeline:
             result.report = run_audit(s, pipeline)
