@@ -212,6 +212,13 @@ def test_postgres_has_a_password_and_private_data_and_older_clusters_are_migrate
         if as_root:
             assert not legacy.exists()
             assert service.data_dir.parent != legacy.parent and _owner_only(service.data_dir.parent)
+            # The private folder deleted by hand: a new one is made, not a traceback.
+            service.stop()
+            gone = service.data_dir.parent
+            shutil.rmtree(gone)
+            start()
+            assert service.data_dir.parent != gone and _owner_only(service.data_dir.parent)
+            assert _psql(service, migrated).stdout.strip() == "1"
     finally:
         service.stop()
         if as_root:

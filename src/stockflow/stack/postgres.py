@@ -179,8 +179,14 @@ class PostgresService(Service):
 
     def _place_outside(self, report: Reporter) -> None:
         """Create this state folder's private data folder (and move an older version's in)."""
-        if self.location_file.exists() or not self._outside_state_dir():
-            self._check_location()
+        if self.location_file.exists():
+            recorded = self.data_dir.parent
+            if os.path.lexists(recorded):
+                self._check_location(recorded)
+                return
+            report(f"postgres: {recorded} is gone; making a new private folder for the data")
+            self.location_file.unlink()
+        if not self._outside_state_dir():
             return
         home = Path(tempfile.mkdtemp(prefix="stockflow-postgres-", dir=private_base()))
         self._chown(home)
@@ -199,10 +205,7 @@ class PostgresService(Service):
         tmp.write_text(f"{home}\n")
         tmp.replace(self.location_file)
 
-    def _check_location(self) -> None:
-        if not self.location_file.exists():
-            return
-        home = self.data_dir.parent
+    def _check_location(self, home: Path) -> None:
         info = home.lstat()
         owners = {0, pwd.getpwnam(OWNER).pw_uid}
         if not stat.S_ISDIR(info.st_mode) or info.st_uid not in owners or info.st_mode & 0o077:
