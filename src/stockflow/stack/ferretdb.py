@@ -21,8 +21,10 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
+from stockflow.config import Settings
 from stockflow.errors import ProvisionError
-from stockflow.stack.ferretdb_patches import BUILD_TAG, apply_patches
+from stockflow.stack import process
+from stockflow.stack.ferretdb_patches import BUILD, Build, apply_patches
 from stockflow.stack.service import Reporter, Service, require_tool
 
 MODULE = "github.com/FerretDB/FerretDB"
@@ -30,8 +32,14 @@ MODULE = "github.com/FerretDB/FerretDB"
 
 @cache
 def _binary_version(binary: str) -> str:
-    result = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
-    return result.stdout.replace(" (embedded)", "").strip() or "FerretDB (unknown version)"
+    """``FerretDB v1.24.2, build stockflow3``: the version and patch level of a built binary."""
+    try:
+        result = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
+    except OSError:
+        return "FerretDB (unknown version)"
+    version = result.stdout.replace(" (embedded)", "").strip() or "FerretDB (unknown version)"
+    build = Path(binary).parent.name.rpartition("-")[2]
+    return f"{version}, build {build}" if build.startswith("stockflow") else version
 
 
 class FerretDBService(Service):
@@ -39,6 +47,10 @@ class FerretDBService(Service):
 
     name = "ferretdb"
     external_kind = "mongodb"
+
+    def __init__(self, settings: Settings, build: Build = BUILD) -> None:
+        super().__init__(settings)
+        self.build = build
 
     @property
     def port(self) -> int:
@@ -51,7 +63,7 @@ class FerretDBService(Service):
     @property
     def binary(self) -> Path:
         version = self.settings.ferretdb_version
-        return self.settings.cache_dir / f"ferretdb-{version}-{BUILD_TAG}" / "ferretdb"
+        return self.settings.cache_dir / f"ferretdb-{version}-{self.build.tag}" / "ferretdb"
 
     @property
     def data_dir(self) -> Path:
@@ -77,7 +89,7 @@ class FerretDBService(Service):
             shutil.copytree(json.loads(download)["Dir"], source)
             for path in [source, *source.rglob("*")]:
                 path.chmod(path.stat().st_mode | stat.S_IWUSR)
-            apply_patches(source)
+            apply_patches(source, self.build.patches)
             with (work / "go.mod").open("a") as gomod:
                 gomod.write(f"\nreplace {MODULE} => ./ferretdb-src\n")
             self._go([go, "build", "-trimpath", "-o", str(work / "ferretdb"), "."], work, env)
@@ -133,4 +145,7 @@ class FerretDBService(Service):
         if self.external:
             return f"FerretDB {info['ferretdbVersion']} ({wire})"
         backend = self.settings.ferretdb_backend
-        return f"{_binary_version(str(self.binary))} ({wire}, {backend})"
+        # The binary that runs, which may be an older build than the one this code would start.
+        record = process.read_pidfile(self.pidfile)
+        binary = record.argv0 if record is not None else str(self.binary)
+        return f"{_binary_version(binary)} ({wire}, {backend})"
