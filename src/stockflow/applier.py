@@ -34,10 +34,11 @@ from pymongo.errors import ConnectionFailure, OperationFailure
 
 from stockflow.cache import ProductCache, product_version
 from stockflow.config import Settings
+from stockflow.deadletters import dead_letter_headers
 from stockflow.errors import ConcurrentWriteError, InvalidOrderError, TransientError
 from stockflow.inventory import Inventory, Product
 from stockflow.ledger import Ledger, to_event
-from stockflow.outcomes import Outcome, dead_letter_headers, source_of
+from stockflow.outcomes import Outcome, source_of
 from stockflow.planner import MARKER, Decision, Entry, Plan, ProductChange, plan_batch
 from stockflow.retry import CircuitBreaker
 from stockflow.router import H_SOURCE, decode_message, decode_source

@@ -9,15 +9,9 @@ from dataclasses import dataclass
 from confluent_kafka import Consumer, TopicPartition
 
 from stockflow.config import Settings
+from stockflow.deadletters import H_ATTEMPTS, H_REASON, H_TIME, dead_letter_source, header_map
 from stockflow.errors import TopicError
-from stockflow.outcomes import (
-    H_ATTEMPTS,
-    H_REASON,
-    H_TIME,
-    Source,
-    dead_letter_source,
-    header_map,
-)
+from stockflow.outcomes import Source
 from stockflow.producer import OrderProducer
 
 H_REPLAYED_FROM = "stockflow.replayed-from"

@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from confluent_kafka import Message
 
 from stockflow.config import Settings
+from stockflow.deadletters import dead_letter_headers
 from stockflow.errors import InvalidOrderError
 from stockflow.orders import Command, decode_command
-from stockflow.outcomes import Source, dead_letter_headers, source_of
+from stockflow.outcomes import Source, source_of
 from stockflow.retry import CircuitBreaker
 from stockflow.txloop import Handled, Output
 
