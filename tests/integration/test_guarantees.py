@@ -42,6 +42,8 @@ BAD_MESSAGES = [
     b"[1, 2, 3]",
     b'{"orderId": 8, "restockId": 8, "productId": 101, "quantity": 1}',
     b'{"orderId": 9, "productId": 101, "quantity": 1, "pad": "' + b"x" * 70_000 + b'"}',
+    b'{"orderId": 10, "productId": 101, "quantity": 1, "pad": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+    b'{"orderId": "a\\u0000b", "productId": 101, "quantity": 1}',
 ]
 
 
@@ -69,7 +71,9 @@ def test_bad_messages_are_dead_lettered_and_valid_ones_around_them_applied(
         assert letter.reason and letter.source is not None and letter.time is not None
         assert letter.source.topic == settings.topic
     assert "invalid order" in letters[3].reason and "productId" in letters[3].reason
-    assert "UTF-8" in letters[2].reason and "exceeds" in letters[-1].reason
+    assert "UTF-8" in letters[2].reason and "exceeds" in letters[13].reason
+    assert "nested deeper" in letters[14].reason and "control character" in letters[15].reason
+    assert all(letter.attempts == 1 for letter in letters)  # refused at once, never retried
     assert run_audit(settings, pipeline).ok
 
 
