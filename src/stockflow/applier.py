@@ -34,7 +34,7 @@ from pymongo.errors import ConnectionFailure, OperationFailure
 
 from stockflow.cache import ProductCache, product_version
 from stockflow.config import Settings
-from stockflow.deadletters import dead_letter_headers
+from stockflow.deadletters import DeadLetterStore, FittedLetter, build, size_limit
 from stockflow.errors import ConcurrentWriteError, InvalidOrderError, TransientError
 from stockflow.inventory import Inventory, Product
 from stockflow.ledger import Ledger, to_event
@@ -137,12 +137,20 @@ class Applier:
     name = "applier"
 
     def __init__(
-        self, settings: Settings, inventory: Inventory, ledger: Ledger, cache: ProductCache
+        self,
+        settings: Settings,
+        inventory: Inventory,
+        ledger: Ledger,
+        cache: ProductCache,
+        store: DeadLetterStore | None = None,
     ) -> None:
         self.settings = settings
         self.inventory = inventory
         self.ledger = ledger
         self.cache = cache
+        self.store = store or DeadLetterStore(ledger.database)
+        """Where dead letters' originals are kept (default: the ledger's database)."""
+        self.limit = size_limit(settings)
         self.breaker = CircuitBreaker("MongoDB")
         self.memory = ProductMemory()
         self.seconds: defaultdict[str, float] = defaultdict(float)
@@ -155,6 +163,7 @@ class Applier:
         self._last_tick = time.perf_counter()
         entries: list[Entry] = []
         outputs: list[Output] = []
+        letters: list[FittedLetter] = []
         counts: Counter[str] = Counter()
         for message in messages:
             position = source_of(message)
@@ -163,7 +172,8 @@ class Applier:
             try:
                 command = decode_message(self.settings, message)
             except InvalidOrderError as exc:
-                outputs.append(self.dead_letter(message, f"bad command: {exc.reason}", 1))
+                letters.append(self._letter(message, f"bad command: {exc.reason}", 1))
+                outputs.append(self._output(letters[-1]))
                 counts[Outcome.DEAD_LETTERED.value] += 1
                 continue
             entries.append(Entry(position, source, command))
@@ -186,7 +196,9 @@ class Applier:
             if decision.outcome is Outcome.DEAD_LETTERED:
                 position = decision.entry.position
                 message = by_position[(position.partition, position.offset)]
-                outputs.append(self.dead_letter(message, decision.reason or "unusable", 1))
+                letters.append(self._letter(message, decision.reason or "unusable", 1, decision))
+                outputs.append(self._output(letters[-1]))
+        self.store.keep(letters)  # the originals are durable before the dead letters commit
         # Write-through now, before the commit: MongoDB already holds these changes (a replay
         # only re-derives them), so the cache is right even if the commit fails, and no crash
         # can fall between publishing an outcome and refreshing the entry it changed.
@@ -257,14 +269,34 @@ class Applier:
         self.memory.clear()
 
     def dead_letter(self, message: Message, reason: str, attempts: int) -> Output:
+        """The dead letter of ``message`` (its original kept in MongoDB first)."""
+        letter = self._letter(message, reason, attempts)
+        self.store.keep([letter])
+        return self._output(letter)
+
+    def _letter(
+        self, message: Message, reason: str, attempts: int, decision: Decision | None = None
+    ) -> FittedLetter:
         headers = dict(message.headers() or [])
-        source = decode_source(headers.get(H_SOURCE)) or source_of(message)
-        return Output(
-            self.settings.dlq_topic,
-            message.value(),
+        command = decision.entry.command if decision is not None else None
+        return build(
+            value=message.value(),
             key=message.key(),
-            headers=dead_letter_headers(reason, source, attempts=attempts),
+            original_headers=None,  # the commands topic's own headers, not the input's
+            reason=reason,
+            source=decode_source(headers.get(H_SOURCE)) or source_of(message),
+            attempts=attempts,
+            stage=self.name,
+            limit=self.limit,
+            details=(
+                {"kind": command.kind, "id": command.id, "productId": command.product_id}
+                if command is not None
+                else None
+            ),
         )
+
+    def _output(self, letter: FittedLetter) -> Output:
+        return Output(self.settings.dlq_topic, letter.value, key=letter.key, headers=letter.headers)
 
 
 def _log_decision(decision: Decision) -> None:

@@ -98,6 +98,7 @@ class Ledger:
         *,
         pool: ThreadPoolExecutor | None = None,
     ) -> None:
+        self.database = database
         self.records: dict[str, Collection[Doc]] = {
             "order": database[orders],
             "restock": database[restocks],

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from stockflow.applier import Applier
 from stockflow.config import Settings
+from stockflow.deadletters import DeadLetterStore
 from stockflow.ledger import Ledger
 from stockflow.pipeline import Pipeline
 from stockflow.planner import Decision
@@ -97,7 +98,8 @@ class Worker:
             pool=pipeline.pool,
         )
         ledger.ensure_indexes()
-        self.applier = Applier(settings, pipeline.inventory, ledger, pipeline.cache)
+        store = DeadLetterStore(pipeline.mongo[settings.database])
+        self.applier = Applier(settings, pipeline.inventory, ledger, pipeline.cache, store)
         if listener is not None:
             self.applier.listeners.append(listener)
         self.loops: dict[str, TransactionalLoop] = {}
@@ -106,7 +108,7 @@ class Worker:
         if "router" in roles:
             self.loops["router"] = TransactionalLoop(
                 settings,
-                Router(settings),
+                Router(settings, store),
                 topics=[settings.topic],
                 group_id=settings.router_group_id,
                 start_offsets=end_offsets(settings, settings.topic) if start_at_end else None,

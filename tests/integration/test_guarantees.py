@@ -16,6 +16,7 @@ from pymongo import MongoClient
 from stockflow.applier import Applier
 from stockflow.audit import run_audit
 from stockflow.config import Settings
+from stockflow.deadletters import DeadLetterStore
 from stockflow.dlq import read_dead_letters, replay
 from stockflow.errors import ConcurrentWriteError
 from stockflow.ledger import Ledger
@@ -83,7 +84,8 @@ def test_a_fixed_dead_letter_can_be_replayed(settings: Settings, pipeline: Pipel
         producer.send_raw(b'{"orderId": 1, "productId": "101", "quantity": 2}')
     process(settings, pipeline, 1)
     [letter] = read_dead_letters(settings)
-    replay(settings, [letter], value=b'{"orderId": 1, "productId": 101, "quantity": 2}')
+    store = DeadLetterStore(pipeline.mongo[settings.database])
+    replay(settings, [letter], store, value=b'{"orderId": 1, "productId": 101, "quantity": 2}')
     assert process(settings, pipeline, 1).outcomes == {"applied": 1}
     assert pipeline.inventory.stock_of(101) == 8
     assert run_audit(settings, pipeline).ok
