@@ -30,7 +30,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from confluent_kafka import Message
-from pymongo.errors import ConnectionFailure, OperationFailure
+from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from stockflow.cache import ProductCache, product_version
 from stockflow.config import Settings
@@ -38,6 +38,7 @@ from stockflow.deadletters import DeadLetterStore, FittedLetter, build, size_lim
 from stockflow.errors import ConcurrentWriteError, InvalidOrderError, TransientError
 from stockflow.inventory import Inventory, Product
 from stockflow.ledger import Ledger, to_event
+from stockflow.orders import Command
 from stockflow.outcomes import Outcome, source_of
 from stockflow.planner import MARKER, Decision, Entry, Plan, ProductChange, plan_batch
 from stockflow.retry import CircuitBreaker
@@ -196,7 +197,8 @@ class Applier:
             if decision.outcome is Outcome.DEAD_LETTERED:
                 position = decision.entry.position
                 message = by_position[(position.partition, position.offset)]
-                letters.append(self._letter(message, decision.reason or "unusable", 1, decision))
+                reason = decision.reason or "unusable"
+                letters.append(self._letter(message, reason, 1, decision.entry.command))
                 outputs.append(self._output(letters[-1]))
         self.store.keep(letters)  # the originals are durable before the dead letters commit
         # Write-through now, before the commit: MongoDB already holds these changes (a replay
@@ -269,16 +271,29 @@ class Applier:
         self.memory.clear()
 
     def dead_letter(self, message: Message, reason: str, attempts: int) -> Output:
-        """The dead letter of ``message`` (its original kept in MongoDB first)."""
-        letter = self._letter(message, reason, attempts)
+        """The dead letter of a message that kept failing: its original kept in MongoDB, and
+        the claim its attempts may have made released (so that its replay is decided afresh).
+        """
+        position = source_of(message)
+        headers = dict(message.headers() or [])
+        source = decode_source(headers.get(H_SOURCE)) or position
+        try:
+            command: Command | None = decode_message(self.settings, message)
+        except InvalidOrderError:
+            command = None
+        letter = self._letter(message, reason, attempts, command)
+        if command is not None:
+            try:
+                self.ledger.release([Entry(position, source, command)])
+            except PyMongoError as exc:
+                raise TransientError(f"MongoDB: cannot release a claim: {exc}") from exc
         self.store.keep([letter])
         return self._output(letter)
 
     def _letter(
-        self, message: Message, reason: str, attempts: int, decision: Decision | None = None
+        self, message: Message, reason: str, attempts: int, command: Command | None = None
     ) -> FittedLetter:
         headers = dict(message.headers() or [])
-        command = decision.entry.command if decision is not None else None
         return build(
             value=message.value(),
             key=message.key(),

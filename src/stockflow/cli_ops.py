@@ -54,17 +54,29 @@ def _show_record(record: dict[str, Any]) -> None:
 
 @orders_app.command("show")
 def orders_show(order_id: Annotated[str, typer.Argument(help="The order's orderId.")]) -> None:
-    """Show an order's outcome: status, stock after it, where it came from, its duplicates."""
+    """Show an order's outcome: status, stock after it, where it came from, its duplicates,
+    and any dead letter the applier made of it earlier."""
+    from stockflow.deadletters import DeadLetterStore
     from stockflow.ledger import Ledger
     from stockflow.pipeline import open_pipeline
 
     s = settings()
     with open_pipeline(s) as pipeline:
-        ledger = Ledger(pipeline.mongo[s.database], s.orders_collection, s.restocks_collection)
+        database = pipeline.mongo[s.database]
+        ledger = Ledger(database, s.orders_collection, s.restocks_collection)
+        store = DeadLetterStore(database)
         for ident in _ident(order_id):
             record = ledger.find("order", ident)
+            history = store.find_command("order", ident)
             if record is not None:
                 _show_record(record)
+            for letter in history:
+                console.print(
+                    f"dead-lettered ({letter.get('stage')}) from {letter['_id']} at "
+                    f"{_when(letter.get('at'))}: {letter.get('reason')}",
+                    markup=False,
+                )
+            if record is not None or history:
                 return
     err.print(f"no outcome recorded for order {order_id!r} (not consumed yet, or unknown)")
     raise typer.Exit(1)
@@ -280,6 +292,7 @@ def audit(
     console.print(
         f"checked {report.products_checked} product(s), {report.messages_checked} message(s); "
         f"outcomes: {dict(sorted(report.outcomes.items()))}"
+        + (f"; {report.replayed} dead letter(s) replayed" if report.replayed else "")
     )
     for title, rows in (
         ("stock differs from outcomes", report.stock_mismatches),

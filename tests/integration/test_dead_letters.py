@@ -15,6 +15,7 @@ from stockflow.dlq import original_of, read_dead_letters
 from stockflow.orders import Order
 from stockflow.pipeline import Pipeline
 from stockflow.producer import OrderProducer
+from stockflow.worker import ensure_topics
 from tests.integration.conftest import process
 
 BIG = 1_000_000
@@ -79,3 +80,96 @@ def test_a_message_near_the_size_limit_is_dead_lettered_and_its_neighbours_flow(
     assert b"dry run: 1 dead letter(s) would be replayed" in dry.stdout
     report = run_audit(settings, pipeline)
     assert report.ok and report.messages_checked == 7  # the dry run sent nothing
+
+
+def test_an_applier_dead_letter_replays_once_fixed_and_is_applied_once(
+    settings: Settings, pipeline: Pipeline
+) -> None:
+    pipeline.inventory.seed({101: 10, 102: 10})
+    pipeline.inventory.products.update_one({"product_id": 101}, {"$set": {"stock": "plenty"}})
+    with OrderProducer(settings) as producer:
+        producer.send(Order("o-1", 101, 2))
+        producer.send(Order("o-2", 102, 1))
+    assert process(settings, pipeline, 2).outcomes == {"applied": 1, "dead_lettered": 1}
+    [letter] = read_dead_letters(settings)
+    assert letter.stage == "applier" and "unusable stock" in letter.reason
+
+    pipeline.inventory.products.update_one({"product_id": 101}, {"$set": {"stock": 10}})
+    replayed = cli(settings, "dlq", "replay", letter.ref)
+    assert replayed.returncode == 0, replayed.stderr
+    assert b"replayed 1 dead letter(s)" in replayed.stdout
+    run = process(settings, pipeline, 1)
+    assert run.outcomes == {"applied": 1}, "a dead-lettered id's claim made its replay a duplicate"
+    assert pipeline.inventory.stock_of(101) == 8
+    report = run_audit(settings, pipeline)
+    assert report.ok, report
+    assert report.outcomes["applied"] == 2 and report.outcomes["dead_lettered"] == 0
+    assert report.replayed == 1
+    shown = cli(settings, "orders", "show", "o-1")
+    assert shown.returncode == 0, shown.stderr
+    assert b"applied" in shown.stdout
+    assert f"dead-lettered (applier) from {letter.source}".encode() in shown.stdout
+
+    # An id that was applied still makes a later copy a duplicate, and a second replay too.
+    with OrderProducer(settings) as producer:
+        producer.send(Order("o-1", 101, 2))
+    again = cli(settings, "dlq", "replay", letter.ref)
+    assert again.returncode == 0, again.stderr
+    assert process(settings, pipeline, 2).outcomes == {"duplicate": 2}
+    assert pipeline.inventory.stock_of(101) == 8
+    report = run_audit(settings, pipeline)
+    assert report.ok, report
+    assert report.outcomes["duplicate"] == 2 and report.replayed == 1
+
+
+def test_a_router_dead_letter_replays_corrected_and_the_audit_follows_it(
+    settings: Settings, pipeline: Pipeline
+) -> None:
+    pipeline.inventory.seed({101: 10})
+    with OrderProducer(settings) as producer:
+        producer.send_raw(b'{"orderId": "r-1", "productId": "101", "quantity": 3}')
+        producer.send_raw(b'{"orderId": "r-2", "productId": 101, "quantity": 0}')
+    assert process(settings, pipeline, 2).outcomes == {"dead_lettered": 2}
+    first, second = read_dead_letters(settings)
+    assert first.stage == second.stage == "router"
+
+    fixed = cli(
+        settings,
+        "dlq",
+        "replay",
+        first.ref,
+        "--value",
+        '{"orderId": "r-1", "productId": 101, "quantity": 3}',
+    )
+    assert fixed.returncode == 0, fixed.stderr
+    as_is = cli(settings, "dlq", "replay", "--reason", "AT LEAST 1")  # replayed unchanged
+    assert as_is.returncode == 0, as_is.stderr
+    assert b"replayed 1 dead letter(s)" in as_is.stdout
+    assert process(settings, pipeline, 2).outcomes == {"applied": 1, "dead_lettered": 1}
+    assert pipeline.inventory.stock_of(101) == 7
+    report = run_audit(settings, pipeline)
+    assert report.ok, report
+    # r-2 was dead-lettered twice: one final outcome, its second dead letter.
+    assert report.outcomes["applied"] == 1 and report.outcomes["dead_lettered"] == 1
+    assert report.replayed == 2 and report.messages_checked == 4
+
+    # --all skips what was replayed before; only r-2's second dead letter is left.
+    dry = cli(settings, "dlq", "replay", "--all", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert b"skipping 2 dead letter(s) replayed before" in dry.stdout
+    assert b"dry run: 1 dead letter(s) would be replayed" in dry.stdout
+
+
+def test_dlq_replay_errors_are_one_line(settings: Settings, pipeline: Pipeline) -> None:
+    ensure_topics(settings)
+    for args, message in [
+        ((), b"name the dead letters to replay"),
+        (("0:99",), b"no dead letter 0:99"),
+        (("nonsense",), b"not a dead letter ref: 'nonsense'"),
+        (("--all", "--value", "{}"), b"--value replaces one dead letter; 0 selected"),
+    ]:
+        result = cli(settings, "dlq", "replay", *args)
+        assert result.returncode == 1, result
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    shown = cli(settings, "dlq", "show", "0:5")
+    assert shown.returncode == 1 and len(shown.stderr.strip().splitlines()) == 1
