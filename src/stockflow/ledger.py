@@ -262,7 +262,8 @@ def to_event(decision: Decision, at: float) -> OutcomeEvent:
     command = decision.entry.command
     return OutcomeEvent(
         kind=command.kind,
-        id=command.id,
+        order_id=command.id if command.kind == "order" else None,
+        restock_id=command.id if command.kind == "restock" else None,
         product_id=command.product_id,
         quantity=command.quantity,
         status=decision.outcome,

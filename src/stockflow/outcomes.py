@@ -55,7 +55,6 @@ class OutcomeEvent(msgspec.Struct, frozen=True, rename="camel", omit_defaults=Tr
 
     kind: str
     """``order`` or ``restock``."""
-    id: int | str
     product_id: int
     quantity: int
     status: Outcome
@@ -65,6 +64,15 @@ class OutcomeEvent(msgspec.Struct, frozen=True, rename="camel", omit_defaults=Tr
     """Where the message was on the input topic."""
     at: float = 0.0
     """When the outcome became durable (Unix time, seconds)."""
+    order_id: int | str | None = None
+    """The order's ``orderId`` (orders only): ids are named as the input names them."""
+    restock_id: int | str | None = None
+    """The restock's ``restockId`` (restocks only)."""
+
+    @property
+    def ident(self) -> int | str | None:
+        """The order's or restock's id, whichever this is."""
+        return self.order_id if self.kind == "order" else self.restock_id
 
     def encode(self) -> bytes:
         return _encoder.encode(self)
