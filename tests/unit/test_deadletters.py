@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -15,6 +16,8 @@ from stockflow.deadletters import (
     build,
     header_map,
 )
+from stockflow.dlq import DeadLetter, select
+from stockflow.errors import StockflowError
 from stockflow.outcomes import Source
 
 SOURCE = Source("orders", 3, 1234)
@@ -78,3 +81,25 @@ def test_every_dead_letter_fits_and_keeps_the_original_whole_in_its_document(
     # nothing is cut while everything fits with room to spare (keys over a quarter are dropped)
     if value + key + sum(headers) < 500_000 and key < 200_000:
         assert not cut
+
+
+def _letter(ref: str, reason: str) -> DeadLetter:
+    partition, offset = (int(part) for part in ref.split(":"))
+    return DeadLetter(partition, offset, None, b"x", reason, SOURCE, None, 1, [])
+
+
+def test_replay_selection_by_ref_reason_and_all_keeps_topic_order() -> None:
+    letters = [
+        _letter("0:1", "malformed JSON"),
+        _letter("0:2", "product 7 has an unusable stock value 'plenty'"),
+        _letter("1:0", "Unusable stock again"),
+    ]
+    refs = [letter.ref for letter in select(letters, reason="unusable stock")]
+    assert refs == ["0:2", "1:0"]
+    assert [letter.ref for letter in select(letters, refs=["1:0", "0:1"])] == ["0:1", "1:0"]
+    assert [letter.ref for letter in select(letters, every=True)] == ["0:1", "0:2", "1:0"]
+    assert select(letters, reason="nothing like it") == []
+    with pytest.raises(StockflowError, match="no dead letter 2:0"):
+        select(letters, refs=["2:0"])
+    with pytest.raises(StockflowError, match="not a dead letter ref"):
+        select(letters, refs=["0-1"])
