@@ -56,6 +56,9 @@ class AuditReport:
         return self.discrepancies == 0
 
 
+Doc = dict[str, Any]
+
+
 def _src(value: Any) -> Source | None:
     return Source.parse(value) if isinstance(value, str) else None
 
@@ -86,18 +89,26 @@ def run_audit(settings: Settings, pipeline: Pipeline, *, messages: bool = True) 
                 deltas[int(record["productId"])].append(
                     (position.partition, position.offset, sign * int(record["quantity"]))
                 )
+        noted: dict[Any, set[str]] = {}  # live claims' duplicates, by id
+        released: list[Doc] = []
         for claim in database[claims_name(name)].find({}):
+            if claim.get("released"):
+                released.append(claim)
+                continue
             ident = f"{kind} {claim['_id']!r}"
-            if claim["_id"] not in recorded and not claim.get("released"):
+            noted[claim["_id"]] = set(claim.get("duplicates") or [])
+            if claim["_id"] not in recorded:
                 report.pending.append(ident)
                 source = _src(claim.get("source"))
                 if source is not None:
                     seen[source].append(f"{ident}: pending")
-            for dup in claim.get("duplicates", []) or []:
-                dup_source = Source.parse(str(dup))
-                if dup_source is not None:
-                    seen[dup_source].append(f"{ident}: duplicate")
-                    report.outcomes[Outcome.DUPLICATE.value] += 1
+            _count_duplicates(ident, claim.get("duplicates") or [], seen, report)
+        for claim in released:
+            # A copy noted on a released claim and again on the id's live claim (its batch was
+            # redone after the release, and the id claimed afresh) is one duplicate.
+            again = noted.get(claim.get("claimOf"), set())
+            dups = [dup for dup in claim.get("duplicates") or [] if dup not in again]
+            _count_duplicates(f"{kind} {claim['_id']!r}", dups, seen, report)
     _check_products(pipeline, deltas, report)
     if messages:
         letters = read_dead_letters(settings)
@@ -124,6 +135,16 @@ def run_audit(settings: Settings, pipeline: Pipeline, *, messages: bool = True) 
             else:
                 report.outcomes[Outcome.DEAD_LETTERED.value] += 1
     return report
+
+
+def _count_duplicates(
+    ident: str, duplicates: list[Any], seen: dict[Source, list[str]], report: AuditReport
+) -> None:
+    for dup in duplicates:
+        dup_source = Source.parse(str(dup))
+        if dup_source is not None:
+            seen[dup_source].append(f"{ident}: duplicate")
+            report.outcomes[Outcome.DUPLICATE.value] += 1
 
 
 def _check_products(

@@ -159,7 +159,12 @@ class Ledger:
             claim = self.claims[kind].find_one(mine)
             if claim is None:
                 continue  # released already (a redone batch), or owned by another entry
-            kept = {**claim, "_id": f"{ident}@released@{entry.position}", "released": True}
+            kept = {
+                **claim,
+                "_id": f"{ident}@released@{entry.position}",
+                "claimOf": ident,
+                "released": True,
+            }
             insert_all(self.claims[kind], [kept])
             self.claims[kind].delete_one(mine)
 

@@ -8,12 +8,16 @@ import subprocess
 import sys
 import time
 
+from stockflow.applier import Applier
 from stockflow.audit import run_audit
 from stockflow.config import Settings
 from stockflow.deadletters import DeadLetterStore
 from stockflow.dlq import original_of, read_dead_letters
+from stockflow.ledger import Ledger
 from stockflow.orders import Order
+from stockflow.outcomes import Outcome, Source
 from stockflow.pipeline import Pipeline
+from stockflow.planner import Entry
 from stockflow.producer import OrderProducer
 from stockflow.worker import ensure_topics
 from tests.integration.conftest import process
@@ -173,3 +177,35 @@ def test_dlq_replay_errors_are_one_line(settings: Settings, pipeline: Pipeline) 
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     shown = cli(settings, "dlq", "show", "0:5")
     assert shown.returncode == 1 and len(shown.stderr.strip().splitlines()) == 1
+
+
+def test_a_redone_batch_with_a_dead_lettered_order_is_decided_again_not_as_a_duplicate(
+    pipeline: Pipeline, settings: Settings
+) -> None:
+    """Crash after releasing a dead-lettered id's claim, before the Kafka commit: the batch is
+    redone, and decides the same way (or applies it, if the product was fixed meanwhile)."""
+    pipeline.inventory.seed({101: 10})
+    pipeline.inventory.products.update_one({"product_id": 101}, {"$set": {"stock": "plenty"}})
+    ledger = Ledger(
+        pipeline.mongo[settings.database], settings.orders_collection, settings.restocks_collection
+    )
+    applier = Applier(settings, pipeline.inventory, ledger, pipeline.cache)
+    copy_of = Order("same", 101, 2)
+    entries = [
+        Entry(Source("cmds", 0, 10), Source(settings.topic, 0, 0), copy_of),
+        Entry(Source("cmds", 0, 11), Source(settings.topic, 0, 1), copy_of),  # a copy
+    ]
+    first = applier._apply(entries)
+    again = applier._apply(entries)
+    expected = [Outcome.DEAD_LETTERED, Outcome.DUPLICATE]
+    assert [d.outcome for d in first] == [d.outcome for d in again] == expected
+    pipeline.inventory.products.update_one({"product_id": 101}, {"$set": {"stock": 10}})
+    fixed = applier._apply(entries)
+    assert [d.outcome for d in fixed] == [Outcome.APPLIED, Outcome.DUPLICATE]
+    assert pipeline.inventory.stock_of(101) == 8
+    claims = pipeline.mongo[settings.database][f"{settings.orders_collection}_claims"]
+    released = claims.find_one({"_id": "same@released@cmds[0]@10"})
+    assert released is not None and released["duplicates"] == [f"{settings.topic}[0]@1"]
+    # The copy is noted on both claims (the released one and the live one): one outcome.
+    report = run_audit(settings, pipeline, messages=False)
+    assert report.ok and report.outcomes["duplicate"] == 1, report
