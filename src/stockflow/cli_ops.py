@@ -109,6 +109,7 @@ def products_restock(
 
     Sending the same --restock-id twice adds the stock once.
     """
+    from stockflow.deadletters import DeadLetterStore
     from stockflow.ledger import PENDING, Ledger
     from stockflow.orders import Restock, validate
     from stockflow.pipeline import open_pipeline
@@ -125,13 +126,19 @@ def products_restock(
     if wait <= 0:
         return
     with open_pipeline(s) as pipeline:
-        ledger = Ledger(pipeline.mongo[s.database], s.orders_collection, s.restocks_collection)
+        database = pipeline.mongo[s.database]
+        ledger = Ledger(database, s.orders_collection, s.restocks_collection)
+        store = DeadLetterStore(database)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             record = ledger.find("restock", command.restock_id)
             if record is not None and record.get("status") != PENDING:
                 _show_record(record)
                 return
+            dead = store.find_command("restock", command.restock_id)
+            if dead:
+                reason = dead[-1].get("reason")
+                raise StockflowError(f"restock {command.restock_id} was dead-lettered: {reason}")
             time.sleep(0.2)
     err.print(f"no outcome within {wait:.0f}s: is a worker (`stockflow consume`) running?")
     raise typer.Exit(1)
