@@ -7,9 +7,11 @@ partition has one consumer, so each product has a single writer. For a batch:
 2. take the batch's products and plan every outcome (``planner``, pure and deterministic);
 3. write each product's change as a compare-and-set on the stock and marker it was planned
    from (the marker also lets a replay after a crash recognise what was already written);
-4. record the outcomes in the ledger;
+4. record the outcomes in the ledger (a dead-lettered command gets none: its claim is released,
+   so that its replay is decided afresh);
 5. refresh the cache entries of the products changed (MongoDB holds the change already);
-6. hand the outcome events (and dead letters) to the transaction that also commits offsets;
+6. keep the dead letters' originals in MongoDB, and hand the outcome events and dead letters
+   to the transaction that also commits offsets;
 7. once committed: print the seed's lines.
 
 Any crash between steps is repaired by replaying the batch: every step is idempotent.
@@ -200,13 +202,13 @@ class Applier:
                 reason = decision.reason or "unusable"
                 letters.append(self._letter(message, reason, 1, decision.entry.command))
                 outputs.append(self._output(letters[-1]))
-        self.store.keep(letters)  # the originals are durable before the dead letters commit
         # Write-through now, before the commit: MongoDB already holds these changes (a replay
         # only re-derives them), so the cache is right even if the commit fails, and no crash
         # can fall between publishing an outcome and refreshing the entry it changed.
         applied = {d.entry.command.product_id for d in decisions if d.outcome is Outcome.APPLIED}
         self.cache.refresh(doc for pid in applied if (doc := self.memory.get(pid)) is not None)
         self._clock("refresh cache")
+        self.store.keep(letters)  # the originals are durable before the dead letters commit
 
         def after_commit() -> None:
             for decision in decisions:
