@@ -85,6 +85,15 @@ def test_a_message_near_the_size_limit_is_dead_lettered_and_its_neighbours_flow(
     report = run_audit(settings, pipeline)
     assert report.ok and report.messages_checked == 7  # the dry run sent nothing
 
+    # Replayed, the whole original travels again (and is dead-lettered again, still too big).
+    replayed = cli(settings, "dlq", "replay", letter.ref)
+    assert replayed.returncode == 0, replayed.stderr
+    assert process(settings, pipeline, 1).outcomes == {"dead_lettered": 1}
+    first, second = read_dead_letters(settings)
+    assert second.size == BIG and second.sha256 == first.sha256
+    report = run_audit(settings, pipeline)
+    assert report.ok and report.replayed == 1 and report.outcomes["dead_lettered"] == 1
+
 
 def test_an_applier_dead_letter_replays_once_fixed_and_is_applied_once(
     settings: Settings, pipeline: Pipeline
