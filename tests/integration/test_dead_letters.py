@@ -171,6 +171,9 @@ def test_a_router_dead_letter_replays_corrected_and_the_audit_follows_it(
     assert dry.returncode == 0, dry.stderr
     assert b"skipping 2 dead letter(s) replayed before" in dry.stdout
     assert b"dry run: 1 dead letter(s) would be replayed" in dry.stdout
+    listed = cli(settings, "dlq", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert b"3 dead letter(s) on" in listed.stdout and b"router" in listed.stdout
 
 
 def test_dlq_replay_errors_are_one_line(settings: Settings, pipeline: Pipeline) -> None:
