@@ -36,6 +36,7 @@ from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from stockflow.cache import ProductCache, product_version
 from stockflow.config import Settings
+from stockflow.consumer import Handled, Output
 from stockflow.deadletters import DeadLetterStore, FittedLetter, build, size_limit
 from stockflow.errors import ConcurrentWriteError, InvalidOrderError, TransientError
 from stockflow.inventory import Inventory, Product
@@ -45,7 +46,6 @@ from stockflow.outcomes import Outcome, source_of
 from stockflow.planner import MARKER, Decision, Entry, Plan, ProductChange, plan_batch
 from stockflow.retry import CircuitBreaker
 from stockflow.router import H_SOURCE, decode_message, decode_source
-from stockflow.txloop import Handled, Output
 
 log = logging.getLogger("stockflow.orders")
 
@@ -313,7 +313,13 @@ class Applier:
         )
 
     def _output(self, letter: FittedLetter) -> Output:
-        return Output(self.settings.dlq_topic, letter.value, key=letter.key, headers=letter.headers)
+        return Output(
+            self.settings.dlq_topic,
+            letter.value,
+            key=letter.key,
+            headers=letter.headers,
+            source=letter.source,
+        )
 
 
 def _log_decision(decision: Decision) -> None:

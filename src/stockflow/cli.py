@@ -267,7 +267,7 @@ def _supervise(args: list[str]) -> int:
     import subprocess
 
     from stockflow.retry import Backoff
-    from stockflow.txloop import EXIT_STUCK
+    from stockflow.watchdog import EXIT_STUCK
 
     stopping = False
     child: subprocess.Popen[bytes] | None = None

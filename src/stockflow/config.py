@@ -144,6 +144,18 @@ class Settings(BaseSettings):
     redis_timeout_seconds: float = Field(
         default=1.0, gt=0, description="Socket timeout of Redis calls; a slow cache is a miss."
     )
+    handler_timeout_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="Longest a stage may take over one batch's MongoDB and Redis work; past "
+        "it the worker exits (status 75) and the batch is redone by a fresh one.",
+    )
+    stop_grace_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="After SIGTERM/SIGINT, how long a call in flight may still take before the "
+        "worker exits (status 75) without committing it.",
+    )
 
     # --- the local stack ---
     state_dir: Path = Field(

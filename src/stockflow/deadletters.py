@@ -41,6 +41,8 @@ H_STAGE = "stockflow.dlq.stage"
 H_SIZE = "stockflow.dlq.original.size"
 H_SHA256 = "stockflow.dlq.original.sha256"
 H_TRUNCATED = "stockflow.dlq.truncated"
+H_ORIGINAL_TOPIC = "stockflow.dlq.original.topic"
+"""On the loop's own dead letter of an output it could not produce: the output's topic."""
 
 PRODUCER_MAX_BYTES = 1_000_000
 """librdkafka's default ``message.max.bytes``: the largest record (key, value, headers and
@@ -65,6 +67,27 @@ def _bytes(value: str | bytes | None) -> bytes:
     return value.encode() if isinstance(value, str) else (value or b"")
 
 
+def dead_letter_headers(
+    reason: str,
+    source: Source,
+    *,
+    attempts: int = 1,
+    original: Any = None,
+) -> Headers:
+    """The original message's headers, then the reason, source and time of dead-lettering
+    (the plain form, for dead letters that carry no payload; :func:`build` adds the rest)."""
+    headers: Headers = list(_header_items(original))
+    headers += [
+        (H_REASON, reason.encode()),
+        (H_SOURCE_TOPIC, source.topic.encode()),
+        (H_SOURCE_PARTITION, str(source.partition).encode()),
+        (H_SOURCE_OFFSET, str(source.offset).encode()),
+        (H_TIME, f"{time.time():.3f}".encode()),
+        (H_ATTEMPTS, str(attempts).encode()),
+    ]
+    return headers
+
+
 def _header_items(original: Any) -> list[tuple[str, bytes]]:
     items = original.items() if isinstance(original, Mapping) else (original or [])
     return [(str(k), _bytes(v)) for k, v in items if not str(k).startswith("stockflow.dlq.")]
@@ -78,6 +101,8 @@ def _size(headers: Sequence[tuple[str, bytes]]) -> int:
 class FittedLetter:
     """A dead letter as produced (fitting the limit) and the document keeping its original."""
 
+    source: Source
+    """Where the message was on the input topic."""
     value: bytes | None
     key: bytes | None
     headers: Headers
@@ -148,7 +173,7 @@ def build(
         "truncated": truncated,
         **(details or {}),
     }
-    return FittedLetter(kept_value, kept_key, headers, tuple(truncated), doc)
+    return FittedLetter(source, kept_value, kept_key, headers, tuple(truncated), doc)
 
 
 class DeadLetterStore:

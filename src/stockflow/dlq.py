@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ from pymongo.errors import PyMongoError
 from stockflow.config import Settings
 from stockflow.deadletters import (
     H_ATTEMPTS,
+    H_ORIGINAL_TOPIC,
     H_REASON,
     H_SHA256,
     H_SIZE,
@@ -157,10 +158,19 @@ def read_dead_letters(settings: Settings) -> list[DeadLetter]:
                 stage=found.get(H_STAGE, "?"),
                 size=int(size) if size.isdigit() else None,
                 sha256=found.get(H_SHA256),
-                truncated=tuple(t for t in found.get(H_TRUNCATED, "").split(",") if t),
+                truncated=_truncated(found, msg.value()),  # type: ignore[attr-defined]
             )
         )
     return letters
+
+
+def _truncated(found: Mapping[str, str], value: bytes | None) -> tuple[str, ...]:
+    cut = tuple(t for t in found.get(H_TRUNCATED, "").split(",") if t)
+    if not cut and value is None and H_ORIGINAL_TOPIC in found:
+        # The loop's last-resort dead letter of an output nothing could produce carries no
+        # payload; the handler's dead letter it replaced had kept its original in MongoDB.
+        return ("value",)
+    return cut
 
 
 def original_of(letter: DeadLetter, store: DeadLetterStore) -> Original:

@@ -14,6 +14,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
 
+from stockflow import kafka_clients
 from stockflow.config import Settings
 from stockflow.errors import ProduceError
 from stockflow.orders import Command
@@ -44,18 +45,7 @@ class OrderProducer:
         self.topic = topic or settings.topic
         self.timeout = settings.kafka_timeout_seconds
         self.report = DeliveryReport()
-        self._producer = Producer(
-            settings.kafka_config(
-                **{
-                    "enable.idempotence": True,
-                    "acks": "all",
-                    "linger.ms": 5,
-                    "compression.type": "lz4",
-                    "message.timeout.ms": int(self.timeout * 1000),
-                    **config,
-                }
-            )
-        )
+        self._producer = Producer(kafka_clients.order_producer(settings, **config))
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is None:

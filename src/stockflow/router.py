@@ -5,8 +5,8 @@ partitioner). The router re-publishes each valid order or restock to the command
 by its product, so every stock change of a product reaches one partition and so exactly one
 applier: the single writer per product that stockflow's correctness rests on. Invalid messages
 go to the dead-letter topic with their original bytes and headers plus the reason (cut to fit,
-the whole original kept in MongoDB: ``deadletters``). Outputs and
-input offsets are committed in one transaction (``txloop``), so nothing is routed twice.
+the whole original kept in MongoDB: ``deadletters``). Outputs and input offsets are committed
+in one transaction (``consumer``), so nothing is routed twice.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from collections.abc import Sequence
 from confluent_kafka import Message
 
 from stockflow.config import Settings
+from stockflow.consumer import Handled, Output
 from stockflow.deadletters import DeadLetterStore, FittedLetter, build, size_limit
 from stockflow.errors import InvalidOrderError
 from stockflow.orders import Command, decode_command
 from stockflow.outcomes import Source, source_of
 from stockflow.retry import CircuitBreaker
-from stockflow.txloop import Handled, Output
 
 log = logging.getLogger(__name__)
 
@@ -115,4 +115,10 @@ class Router:
         )
 
     def _output(self, letter: FittedLetter) -> Output:
-        return Output(self.settings.dlq_topic, letter.value, key=letter.key, headers=letter.headers)
+        return Output(
+            self.settings.dlq_topic,
+            letter.value,
+            key=letter.key,
+            headers=letter.headers,
+            source=letter.source,
+        )

@@ -10,6 +10,7 @@ from confluent_kafka.admin import (
     NewTopic,
 )
 
+from stockflow import kafka_clients
 from stockflow.config import Settings
 from stockflow.errors import TopicError
 
@@ -24,7 +25,7 @@ class TopicInfo:
 
 
 def admin_client(settings: Settings) -> AdminClient:
-    return AdminClient(settings.kafka_config())
+    return AdminClient(kafka_clients.admin(settings))
 
 
 def create_topic(
@@ -78,7 +79,7 @@ def require_topic(settings: Settings, topic: str) -> int:
 
 def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
     """The next offset of each partition of ``topic`` (where a new message would go)."""
-    consumer = Consumer(settings.kafka_config(**{"group.id": "stockflow-offsets-probe"}))
+    consumer = Consumer(kafka_clients.offsets_probe(settings, group_id="stockflow-offsets-probe"))
     try:
         metadata = consumer.list_topics(topic, timeout=settings.kafka_timeout_seconds)
         partitions = metadata.topics[topic].partitions
@@ -104,7 +105,7 @@ def group_lag(settings: Settings, group: str, topic: str) -> dict[int, int]:
     that has read everything may still show one there.
     """
     ends = end_offsets(settings, topic)
-    consumer = Consumer(settings.kafka_config(**{"group.id": group}))
+    consumer = Consumer(kafka_clients.offsets_probe(settings, group_id=group))
     try:
         committed = consumer.committed(
             [TopicPartition(topic, pid) for pid in ends], timeout=settings.kafka_timeout_seconds

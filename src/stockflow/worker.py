@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 
 from stockflow.applier import Applier
 from stockflow.config import Settings
+from stockflow.consumer import LoopStats, TransactionalLoop
 from stockflow.deadletters import DeadLetterStore
 from stockflow.ledger import Ledger
 from stockflow.pipeline import Pipeline
 from stockflow.planner import Decision
 from stockflow.router import Router
 from stockflow.topics import create_topic, end_offsets, require_topic
-from stockflow.txloop import LoopStats, TransactionalLoop
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ class WorkerStats:
                     "messages": loop.messages,
                     "batches": loop.batches,
                     "rewinds": loop.rewinds,
+                    "dropped": loop.dropped,
+                    "unproducible": loop.unproducible,
                     "seconds": rounded(loop.seconds),
                 }
                 for name, loop in (("router", self.router), ("applier", self.applier))
@@ -138,9 +140,12 @@ class Worker:
                 "circuit": loop.handler.breaker.state.value,
                 "failures": loop.handler.breaker.failures,
                 "last_error": loop.handler.breaker.last_error,
+                "paused": loop.paused,
                 "messages": loop.stats.messages,
                 "batches": loop.stats.batches,
                 "rewinds": loop.stats.rewinds,
+                "dropped": loop.stats.dropped,
+                "unproducible": loop.stats.unproducible,
                 "idle_seconds": round(time.monotonic() - loop.idle_since, 1),
             }
             for name, loop in self.loops.items()
@@ -153,13 +158,19 @@ class Worker:
     def wait_assigned(self, timeout: float) -> bool:
         return all(loop.assigned.wait(timeout) for loop in self.loops.values())
 
-    def run(self, *, idle_timeout: float | None = None) -> WorkerStats:
-        """Run both stages; with ``idle_timeout``, return once neither has work for that long."""
+    def run(
+        self, *, idle_timeout: float | None = None, max_messages: int | None = None
+    ) -> WorkerStats:
+        """Run both stages; with ``idle_timeout``, return once neither has work for that long;
+        with ``max_messages``, once that many input messages are committed and the commands
+        routed from them applied (an applier alone counts the commands it applies)."""
         ensure_topics(self.settings)
         threads = []
         for name, loop in self.loops.items():
             thread = threading.Thread(
-                target=self._run_loop, args=(name, loop, idle_timeout), name=f"stockflow-{name}"
+                target=self._run_loop,
+                args=(name, loop, idle_timeout, max_messages),
+                name=f"stockflow-{name}",
             )
             thread.start()
             threads.append(thread)
@@ -177,10 +188,22 @@ class Worker:
             raise self.errors[0]
         return self.stats
 
-    def _run_loop(self, name: str, loop: TransactionalLoop, idle_timeout: float | None) -> None:
+    def _run_loop(
+        self,
+        name: str,
+        loop: TransactionalLoop,
+        idle_timeout: float | None,
+        max_messages: int | None,
+    ) -> None:
+        follows = name == "applier" and "router" in self.loops
         try:
-            result = loop.run(idle_timeout=idle_timeout)
+            # The applier beside a bounded router is bounded by what the router routes.
+            result = loop.run(
+                idle_timeout=idle_timeout, max_messages=None if follows else max_messages
+            )
             setattr(self.stats, name, result)
+            if name == "router" and max_messages is not None and "applier" in self.loops:
+                self.loops["applier"].max_messages = result.counts["routed"]
         except BaseException as exc:
             log.exception("%s stopped with an error", name)
             self.errors.append(exc)

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from stockflow import txloop
+from stockflow import consumer
 from stockflow.config import Settings
+from stockflow.consumer import Handled, Output, TransactionalLoop
 from stockflow.retry import CircuitBreaker
-from stockflow.txloop import Handled, Output, TransactionalLoop
 
 
 class _Clock:
@@ -36,7 +36,7 @@ class _Clock:
 def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
     c = _Clock()
     fake_time = types.SimpleNamespace(monotonic=c, perf_counter=c, time=c, sleep=c.sleep)
-    monkeypatch.setattr(txloop, "time", fake_time)
+    monkeypatch.setattr(consumer, "time", fake_time)
     return c
 
 
@@ -46,6 +46,12 @@ class _Message:
 
     def error(self) -> None:
         return None
+
+    def topic(self) -> str:
+        return "t"
+
+    def partition(self) -> int:
+        return 0
 
 
 class _Consumer:
@@ -88,9 +94,11 @@ class _Handler:
 
 
 def _loop(batch_size: int = 100) -> TransactionalLoop:
-    return TransactionalLoop(
+    loop = TransactionalLoop(
         Settings(batch_size=batch_size), _Handler(), topics=["t"], group_id="g"
     )
+    loop._owned = {("t", 0)}  # the partition the stand-in serves is assigned to this member
+    return loop
 
 
 def _batch(loop: TransactionalLoop, consumer: _Consumer) -> list[int]:

@@ -6,7 +6,10 @@ import base64
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
+
+import pytest
 
 from stockflow.config import Settings
 from stockflow.stack import Stack, process
@@ -17,6 +20,17 @@ def test_cluster_id_has_kafkas_format() -> None:
     cid = kraft_cluster_id()
     assert len(cid) == 22
     assert len(base64.urlsafe_b64decode(cid + "==")) == 16
+
+
+def test_cluster_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The storage tool reads "--cluster-id -abc..." as two options: formatting failed.
+    dashed = uuid.UUID(bytes=base64.urlsafe_b64decode("-" + "A" * 21 + "=="))
+    plain = uuid.UUID(int=1)
+    draws = iter([dashed, dashed, plain])
+    monkeypatch.setattr("stockflow.stack.kafka.uuid.uuid4", lambda: next(draws))
+    cid = kraft_cluster_id()
+    assert not cid.startswith("-")
+    assert base64.urlsafe_b64decode(cid + "==") == plain.bytes
 
 
 def test_server_properties_describe_one_kraft_node(tmp_path: Path) -> None:

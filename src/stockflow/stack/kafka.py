@@ -29,8 +29,15 @@ STORAGE_TOOL = "kafka.tools.StorageTool"
 
 
 def kraft_cluster_id() -> str:
-    """A random cluster id in Kafka's own format (a UUID, URL-safe base64, no padding)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A random cluster id in Kafka's own format (a UUID, URL-safe base64, no padding).
+
+    Like Kafka's ``Uuid.randomUuid()``, never one that starts with ``-``: the storage tool's
+    argument parser takes such an id for an option (1 start in 64 failed that way).
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _asset(name: str) -> str:
