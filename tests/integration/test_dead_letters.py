@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+from confluent_kafka.admin import AdminClient, NewTopic
+
 from stockflow.applier import Applier
 from stockflow.audit import run_audit
 from stockflow.config import Settings
@@ -221,3 +223,33 @@ def test_a_redone_batch_with_a_dead_lettered_order_is_decided_again_not_as_a_dup
     # The copy is noted on both claims (the released one and the live one): one outcome.
     report = run_audit(settings, pipeline, messages=False)
     assert report.ok and report.outcomes["duplicate"] == 1, report
+
+
+def test_a_dead_letter_the_broker_refuses_still_has_its_original_for_show_and_replay(
+    settings: Settings, pipeline: Pipeline
+) -> None:
+    """A dead-letter topic whose own limit is lower than the producer's: the loop replaces the
+    refused dead letter with one without payload; the original is still in dead_letters."""
+    admin = AdminClient(settings.kafka_config())
+    config = {"max.message.bytes": "20000"}
+    topic = NewTopic(settings.dlq_topic, num_partitions=1, replication_factor=1, config=config)
+    admin.create_topics([topic])[settings.dlq_topic].result(30)
+    pipeline.inventory.seed({101: 10})
+    invalid = (
+        b'{"orderId": "wide", "productId": 101, "quantity": 1, "pad": ' + b" " * 30_000 + b"x}"
+    )
+    with OrderProducer(settings, **{"compression.type": "none"}) as producer:  # type: ignore[arg-type]
+        producer.send(Order("a", 101, 1))
+        producer.send_raw(invalid)
+        producer.send(Order("b", 101, 1))
+    assert process(settings, pipeline, 3, timeout=60).outcomes == {
+        "applied": 2,
+        "dead_lettered": 1,
+    }
+    [letter] = read_dead_letters(settings)
+    assert letter.value is None and letter.truncated == ("value",)
+    assert "too large or rejected" in letter.reason
+    shown = cli(settings, "dlq", "show", letter.ref, "--raw")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == invalid
+    assert run_audit(settings, pipeline).ok
