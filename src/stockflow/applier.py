@@ -1,12 +1,14 @@
 """Stage 2: apply the commands of one product partition to MongoDB, exactly once in effect.
 
 Every stock change of a product arrives on one partition of the commands topic, and each
-partition has one consumer, so each product has a single writer. For a batch:
+partition has one consumer, so each product has a single writer per pipeline (several
+pipelines sharing products are serialised by the compare-and-set). For a batch:
 
 1. claim each command's id in the ledger (first delivery wins; a later copy is a duplicate);
 2. take the batch's products and plan every outcome (``planner``, pure and deterministic);
 3. write each product's change as a compare-and-set on the stock and marker it was planned
-   from (the marker also lets a replay after a crash recognise what was already written);
+   from (the marker also lets a replay after a crash recognise what its commands topic, named
+   by Kafka's topic id, already wrote);
 4. record the outcomes in the ledger (a dead-lettered command gets none: its claim is released,
    so that its replay is decided afresh);
 5. refresh the cache entries of the products changed (MongoDB holds the change already);
@@ -32,15 +34,16 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from confluent_kafka import Message
-from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
+from pymongo.errors import PyMongoError
 
 from stockflow.cache import ProductCache, product_version
 from stockflow.config import Settings
 from stockflow.consumer import Handled, Output
 from stockflow.deadletters import DeadLetterStore, FittedLetter, build, size_limit
-from stockflow.errors import ConcurrentWriteError, InvalidOrderError, TransientError
+from stockflow.errors import ConcurrentWriteError, InvalidOrderError, TopicError, TransientError
 from stockflow.inventory import Inventory, Product
 from stockflow.ledger import Ledger, to_event
+from stockflow.mongo import classify
 from stockflow.orders import Command
 from stockflow.outcomes import Outcome, source_of
 from stockflow.planner import MARKER, Decision, Entry, Plan, ProductChange, plan_batch
@@ -130,10 +133,6 @@ class ProductMemory:
         self._docs[product_id] = doc
 
 
-# Errors a MongoDB-compatible server reports while it is starting, stepping down or busy.
-TRANSIENT_CODES = {6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436}
-
-
 class Applier:
     """The stage-2 handler."""
 
@@ -146,21 +145,34 @@ class Applier:
         ledger: Ledger,
         cache: ProductCache,
         store: DeadLetterStore | None = None,
+        *,
+        topic_ids: Callable[[str], str | None] | None = None,
     ) -> None:
+        """``topic_ids`` looks up Kafka's id of a commands topic (None: names alone)."""
         self.settings = settings
         self.inventory = inventory
         self.ledger = ledger
         self.cache = cache
-        self.store = store or DeadLetterStore(ledger.database)
-        """Where dead letters' originals are kept (default: the ledger's database)."""
+        self._store = store
         self.limit = size_limit(settings)
         self.breaker = CircuitBreaker("MongoDB")
         self.memory = ProductMemory()
+        self.topic_ids = topic_ids
+        self._known_ids: dict[str, str | None] = {}
+        self._read: dict[tuple[str, int], int] = {}
+        """The last offset handled of each partition."""
         self.seconds: defaultdict[str, float] = defaultdict(float)
         """Seconds spent in each step of handling batches (for benchmarks and metrics)."""
         self._last_tick = time.perf_counter()
         self.listeners: list[Callable[[Decision], None]] = []
         """Called with each decision once its batch is committed (demo, tests, metrics)."""
+
+    @property
+    def store(self) -> DeadLetterStore:
+        """Where dead letters' originals are kept (default: in the ledger's database)."""
+        if self._store is None:
+            self._store = DeadLetterStore(self.ledger.database)
+        return self._store
 
     def handle(self, messages: Sequence[Message]) -> Handled:
         self._last_tick = time.perf_counter()
@@ -168,6 +180,7 @@ class Applier:
         outputs: list[Output] = []
         letters: list[FittedLetter] = []
         counts: Counter[str] = Counter()
+        self._note_rewinds(messages)
         for message in messages:
             position = source_of(message)
             headers = dict(message.headers() or [])
@@ -179,15 +192,16 @@ class Applier:
                 outputs.append(self._output(letters[-1]))
                 counts[Outcome.DEAD_LETTERED.value] += 1
                 continue
-            entries.append(Entry(position, source, command))
+            entries.append(Entry(position, source, command, self._topic_id(position.topic)))
         self._clock("decode")
         try:
             decisions = self._apply(entries)
-        except ConnectionFailure as exc:
-            raise TransientError(f"MongoDB unreachable: {exc}") from exc
-        except OperationFailure as exc:
-            if exc.code in TRANSIENT_CODES:
-                raise TransientError(f"MongoDB busy: {exc}") from exc
+        except PyMongoError as exc:
+            # An outage, however long, is waited out; only an error about the batch itself
+            # goes on to the retries that end in dead letters (``mongo.classify``).
+            why = classify(exc)
+            if why is not None:
+                raise TransientError(f"MongoDB unavailable ({why}): {exc}") from exc
             raise
         at = time.time()
         by_position = {(m.partition(), m.offset()): m for m in messages}
@@ -208,7 +222,8 @@ class Applier:
         applied = {d.entry.command.product_id for d in decisions if d.outcome is Outcome.APPLIED}
         self.cache.refresh(doc for pid in applied if (doc := self.memory.get(pid)) is not None)
         self._clock("refresh cache")
-        self.store.keep(letters)  # the originals are durable before the dead letters commit
+        if letters:
+            self.store.keep(letters)  # the originals are durable before the dead letters commit
 
         def after_commit() -> None:
             for decision in decisions:
@@ -269,8 +284,34 @@ class Applier:
         return [doc for pid in unchecked if (doc := products.get(pid)) is not None]
 
     def on_partitions_changed(self) -> None:
-        """Another consumer may have written these products meanwhile: remember nothing."""
+        """Another consumer may have written these products meanwhile: remember nothing; and
+        the commands topic may have been recreated: learn its id again."""
         self.memory.clear()
+        self._known_ids.clear()
+        self._read.clear()
+
+    def _note_rewinds(self, messages: Sequence[Message]) -> None:
+        """Look the commands topic's id up again when a partition is read from an earlier
+        offset than before: a rewound batch (a needless look-up), or the topic deleted and
+        recreated under this consumer, which librdkafka reads from its start again without
+        any rebalance."""
+        for message in messages:
+            key = (message.topic() or "", message.partition() or 0)
+            offset = message.offset() or 0
+            if offset <= self._read.get(key, -1):
+                self._known_ids.pop(key[0], None)
+            self._read[key] = offset
+
+    def _topic_id(self, topic: str) -> str | None:
+        """Kafka's id of the commands topic, looked up once per assignment."""
+        if self.topic_ids is None:
+            return None
+        if topic not in self._known_ids:
+            try:
+                self._known_ids[topic] = self.topic_ids(topic)
+            except TopicError as exc:
+                raise TransientError(f"cannot learn the id of topic {topic!r}: {exc}") from exc
+        return self._known_ids[topic]
 
     def dead_letter(self, message: Message, reason: str, attempts: int) -> Output:
         """The dead letter of a message that kept failing: its original kept in MongoDB, and

@@ -1,8 +1,10 @@
 """The audit: recompute stock from the recorded outcomes, and account for every input message.
 
 1. For every product stockflow has changed: ``baseline + restocks applied - orders applied``
-   (counting the changes from the marker's ``since`` offset on) must equal ``stock``; no stock
-   may be negative.
+   must equal ``stock``, counting the changes that each commands topic in the product's marker
+   recorded from its ``since`` offset on (records name their commands topic and its id, so
+   several pipelines on one database, or a recreated topic, are told apart); no stock may be
+   negative.
 2. Every message of the input topic must have exactly one outcome: the record of the id it
    claimed, a place in a claim's duplicates, or a dead letter; no claim may be left without
    its record (pending). A dead letter that was replayed (``stockflow dlq replay`` marks the
@@ -23,7 +25,7 @@ from stockflow.dlq import H_REPLAYED_FROM, read_dead_letters, read_topic_to_end
 from stockflow.ledger import claims_name
 from stockflow.outcomes import Outcome, Source
 from stockflow.pipeline import Pipeline
-from stockflow.planner import MARKER
+from stockflow.planner import MARKER, topic_entries
 
 
 @dataclass
@@ -67,7 +69,7 @@ def run_audit(settings: Settings, pipeline: Pipeline, *, messages: bool = True) 
     report = AuditReport()
     database = pipeline.mongo[settings.database]
     seen: dict[Source, list[str]] = defaultdict(list)
-    deltas: dict[int, list[tuple[int, int, int]]] = defaultdict(list)  # pid -> (part, off, delta)
+    deltas: dict[int, list[Change]] = defaultdict(list)
     for kind, name in (
         ("order", settings.orders_collection),
         ("restock", settings.restocks_collection),
@@ -86,8 +88,13 @@ def run_audit(settings: Settings, pipeline: Pipeline, *, messages: bool = True) 
             position = _src(record.get("position"))
             if status == Outcome.APPLIED.value and position is not None:
                 sign = -1 if kind == "order" else 1
+                topic_id = record.get("topicId")
                 deltas[int(record["productId"])].append(
-                    (position.partition, position.offset, sign * int(record["quantity"]))
+                    Change(
+                        position,
+                        topic_id if isinstance(topic_id, str) else None,
+                        sign * int(record["quantity"]),
+                    )
                 )
         noted: dict[Any, set[str]] = {}  # live claims' duplicates, by id
         released: list[Doc] = []
@@ -147,8 +154,38 @@ def _count_duplicates(
             report.outcomes[Outcome.DUPLICATE.value] += 1
 
 
+@dataclass(frozen=True, slots=True)
+class Change:
+    """An applied record's stock change and where it was on the commands topic."""
+
+    position: Source
+    topic_id: str | None
+    delta: int
+
+
+def _counted(marker: Mapping[str, Any], changes: list[Change]) -> int:
+    """The sum of the changes the marker counts since its baseline."""
+    topics = topic_entries(marker)
+    if topics is None:  # a marker of the old form: one partition of some commands topic
+        since, partition = int(marker.get("since", 0)), int(marker.get("partition", 0))
+        return sum(
+            c.delta
+            for c in changes
+            if c.position.partition == partition and c.position.offset >= since
+        )
+    return sum(
+        c.delta
+        for c in changes
+        for t in topics
+        if c.position.topic == t["topic"]
+        and c.position.partition == t["partition"]
+        and c.position.offset >= t["since"]
+        and (t.get("id") is None or c.topic_id == t["id"])
+    )
+
+
 def _check_products(
-    pipeline: Pipeline, deltas: Mapping[int, list[tuple[int, int, int]]], report: AuditReport
+    pipeline: Pipeline, deltas: Mapping[int, list[Change]], report: AuditReport
 ) -> None:
     for product in pipeline.inventory.products.find({}):
         report.products_checked += 1
@@ -159,10 +196,7 @@ def _check_products(
         marker = product.get(MARKER)
         if not isinstance(marker, Mapping) or "baseline" not in marker or not isinstance(pid, int):
             continue
-        since, partition = int(marker.get("since", 0)), int(marker.get("partition", 0))
-        expected = int(marker["baseline"]) + sum(
-            d for p, o, d in deltas.get(pid, []) if p == partition and o >= since
-        )
+        expected = int(marker["baseline"]) + _counted(marker, deltas.get(pid, []))
         if expected != stock:
             report.stock_mismatches.append(
                 f"product {pid}: stock {stock}, expected {expected} from its outcomes"

@@ -1,7 +1,7 @@
 """Redis cache-aside for product reads (key ``product_<id>``), as in the seed, made race-free.
 
-Every cached product carries a version: the commands-topic offset of the last change written
-to it (``_stockflow.last``, -1 before any). A Lua script stores an entry only if it is newer
+Every cached product carries a version: the count of changes written to it (``_stockflow.v``,
+-1 before any; see ``planner``). A Lua script stores an entry only if it is newer
 than what Redis holds, so a reader that loaded a product just before a change can never put
 the old stock back after the writer refreshed the entry. The writer refreshes entries after
 each batch (write-through); when Redis is unreachable it remembers the products and deletes
@@ -24,6 +24,7 @@ import redis
 from bson import json_util
 
 from stockflow.config import Settings
+from stockflow.planner import marker_version
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,8 @@ def redis_client(settings: Settings) -> redis.Redis:
 
 
 def product_version(product: Mapping[str, Any]) -> int:
-    """The version of a product document: the offset of its last change, -1 before any."""
-    marker = product.get("_stockflow")
-    if isinstance(marker, Mapping) and isinstance(marker.get("last"), int):
-        return int(marker["last"])
-    return -1
+    """The version of a product document: it grows with every change, -1 before any."""
+    return marker_version(product)
 
 
 def public_view(product: Mapping[str, Any]) -> Product:

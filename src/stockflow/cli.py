@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+if TYPE_CHECKING:
+    from stockflow.worker import WorkerStats
+
 from stockflow.config import Settings, load_settings
-from stockflow.errors import ConfigError, InvalidOrderError, StockflowError
+from stockflow.errors import (
+    EXIT_CONFIG,
+    EXIT_TEMPFAIL,
+    ConfigError,
+    InvalidOrderError,
+    StockflowError,
+)
 
 # Not a terminal (pipes, CI logs): no wrapping at 80 columns.
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
@@ -49,23 +57,41 @@ TopicOpt = Annotated[
 
 
 def settings(**overrides: Any) -> Settings:
-    try:
-        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        raise ConfigError(f"invalid settings:\n{exc}") from None
+    """The settings, with the command line's options (those given) over the environment."""
+    return load_settings(**{k: v for k, v in overrides.items() if v is not None})
 
 
 @app.callback()
 def _main(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
-    timestamps: Annotated[bool, typer.Option(help="Prefix log lines with the time.")] = False,
+    verbose: Annotated[
+        bool | None,
+        typer.Option("--verbose", "-v", help="Debug logging [default: STOCKFLOW_VERBOSE]."),
+    ] = None,
+    timestamps: Annotated[
+        bool | None,
+        typer.Option(
+            "--timestamps/--no-timestamps",
+            help="Prefix log lines with the time [default: STOCKFLOW_LOG_TIMESTAMPS].",
+        ),
+    ] = None,
 ) -> None:
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if timestamps else "%(message)s"
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format=fmt, stream=sys.stdout
-    )
-    for noisy in ("pymongo", "urllib3", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from stockflow.logs import setup_logging
+
+    try:
+        s = settings(verbose=verbose, log_timestamps=timestamps)
+    except ConfigError:
+        # The command reports it (in one line) when it reads its settings; --help still works.
+        setup_logging(verbose=bool(verbose), timestamps=bool(timestamps))
+        return
+    # A worker child (``consume`` supervises one) reads its settings from the environment.
+    os.environ["STOCKFLOW_VERBOSE"] = "true" if s.verbose else "false"
+    os.environ["STOCKFLOW_LOG_TIMESTAMPS"] = "true" if s.log_timestamps else "false"
+    _secrets[:] = s.secrets()
+    setup_logging(verbose=s.verbose, timestamps=s.log_timestamps, secrets=_secrets)
+
+
+_secrets: list[str] = []
+"""The service passwords of this run: never printed (see ``main``)."""
 
 
 # --- stack ---
@@ -262,42 +288,6 @@ def produce(
         raise typer.Exit(1)
 
 
-def _supervise(args: list[str]) -> int:
-    """Run ``consume --no-supervise ARGS`` and restart it after a crash or a hang."""
-    import subprocess
-
-    from stockflow.retry import Backoff
-    from stockflow.watchdog import EXIT_STUCK
-
-    stopping = False
-    child: subprocess.Popen[bytes] | None = None
-
-    def forward(signum: int, _: object) -> None:
-        nonlocal stopping
-        stopping = True
-        if child is not None and child.poll() is None:
-            child.send_signal(signum)
-
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    backoff = Backoff(base=1.0, cap=30.0)
-    while True:
-        started = time.monotonic()
-        child = subprocess.Popen(
-            [sys.executable, "-m", "stockflow", "consume", "--no-supervise", *args]
-        )
-        code = child.wait()
-        # Restart after a hang (75) or a death by signal (OOM killer, kill -9); any other
-        # status is the worker's own verdict (0: done, 1: a clear error) and is passed on.
-        if stopping or (code != EXIT_STUCK and code >= 0):
-            return code
-        if time.monotonic() - started > 60:
-            backoff.reset()
-        delay = backoff.next_delay()
-        err.print(f"[yellow]worker exited with status {code}; restarting in {delay:.1f}s[/yellow]")
-        time.sleep(delay)
-
-
 @app.command()
 def consume(
     topic: TopicOpt = None,
@@ -309,6 +299,14 @@ def consume(
         float | None,
         typer.Option(min=0.1, help="Exit once no message came for this many seconds."),
     ] = None,
+    max_messages: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Exit once this many messages were handled (each stage counts its own; the "
+            "batch in hand is finished first).",
+        ),
+    ] = None,
     role: Annotated[
         str, typer.Option(help="router, applier or both (the two stages of one worker).")
     ] = "both",
@@ -316,36 +314,64 @@ def consume(
     supervise: Annotated[
         bool,
         typer.Option(
-            help="Run the worker as a child process and restart it if it dies or hangs "
-            "(exit 75); --no-supervise runs it in this process."
+            help="Run the worker as a child process and restart it if it dies or stops for a "
+            "transient cause (exit 75); --no-supervise runs it in this process."
         ),
     ] = True,
     stats_file: Annotated[
         Path | None,
         typer.Option(help="At exit, write what the worker did (counts, seconds per step) as JSON."),
     ] = None,
+    supervisor_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Run a worker: route the topic's orders by product, apply them to stock exactly once.
 
     Prints the seed's lines per order. Runs until SIGINT or SIGTERM, which finish or abandon
     the batch in hand safely (nothing is lost: an abandoned batch is redone by the next owner).
+    Exit status: 0 done, 1 an error it explains, 75 a transient cause (a service unreachable),
+    78 a configuration error.
     """
-    from stockflow.pipeline import open_pipeline
-    from stockflow.worker import Worker
-
+    roles = ("router", "applier") if role == "both" else (role,)
+    if not set(roles) <= {"router", "applier"}:
+        raise typer.BadParameter("--role is router, applier or both")
+    s = settings(topic=topic, group_id=group)  # a configuration error stops here, once
     if supervise:
+        from stockflow.supervisor import supervise as run_supervised
+
         args = ["--role", role] + (["--quiet"] if quiet else [])
         args += ["--topic", topic] if topic else []
         args += ["--group", group] if group else []
         args += ["--idle-timeout", str(idle_timeout)] if idle_timeout is not None else []
+        args += ["--max-messages", str(max_messages)] if max_messages is not None else []
         args += ["--stats-file", str(stats_file)] if stats_file is not None else []
-        raise typer.Exit(_supervise(args))
-    roles = ("router", "applier") if role == "both" else (role,)
-    if not set(roles) <= {"router", "applier"}:
-        raise typer.BadParameter("--role is router, applier or both")
+        say = lambda line: err.print(f"[yellow]{escape(line)}[/yellow]")  # noqa: E731
+        raise typer.Exit(run_supervised(args, say=say))
+    if supervisor_pid is not None:
+        from stockflow.supervisor import die_with_parent
+
+        die_with_parent(supervisor_pid)
     if quiet:
         logging.getLogger("stockflow.orders").setLevel(logging.WARNING)
-    s = settings(topic=topic, group_id=group)
+    try:
+        stats = _work(s, roles, idle_timeout, max_messages)
+    except Exception as exc:
+        from stockflow.supervisor import is_transient_exit
+
+        if not is_transient_exit(exc):
+            raise
+        # A service away or a call that hung: say so, and let the supervisor start afresh.
+        _fail(f"worker stopped: {exc}", EXIT_TEMPFAIL)
+    err.print(f"[dim]{stats.summary()}[/dim]")
+    if stats_file is not None:
+        stats_file.write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
+
+
+def _work(
+    s: Settings, roles: tuple[str, ...], idle_timeout: float | None, max_messages: int | None
+) -> WorkerStats:
+    from stockflow.pipeline import open_pipeline
+    from stockflow.worker import Worker
+
     with open_pipeline(s) as pipeline:
         worker = Worker(s, pipeline, roles=roles)
 
@@ -359,10 +385,7 @@ def consume(
             f"[dim]Consuming {s.topic} ({'+'.join(roles)}, group {s.group_id}); "
             "Ctrl-C to stop[/dim]"
         )
-        stats = worker.run(idle_timeout=idle_timeout)
-    err.print(f"[dim]{stats.summary()}[/dim]")
-    if stats_file is not None:
-        stats_file.write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
+        return worker.run(idle_timeout=idle_timeout, max_messages=max_messages)
 
 
 @app.command()
@@ -385,12 +408,29 @@ def demo(
         raise StockflowError(f"unexpected stock sequence {result.stocks}")
 
 
+def _fail(message: str, status: int) -> None:
+    from stockflow.logs import scrub
+
+    err.print(f"[red]error:[/red] {escape(scrub(message, _secrets))}", highlight=False)
+    sys.exit(status)
+
+
 def main() -> None:
-    """Entry point: StockflowError becomes a one-line message and exit status 1."""
+    """Entry point: an error becomes one line (no traceback, no secret) and a non-zero exit:
+    EXIT_CONFIG for settings stockflow cannot use, 1 for any other."""
     import stockflow.cli_ops  # noqa: F401  (registers the operator commands)
 
     try:
         app()
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_CONFIG)
     except StockflowError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        sys.exit(1)
+        _fail(str(exc), 1)
+    except Exception as exc:  # a bug, or a library error nobody turned into a message
+        import traceback
+
+        from stockflow.logs import scrub
+
+        if os.environ.get("STOCKFLOW_VERBOSE") == "true":
+            err.print(scrub(traceback.format_exc(), _secrets), markup=False, highlight=False)
+        _fail(f"{type(exc).__name__}: {exc} (-v shows where)", 1)

@@ -9,18 +9,24 @@ called, never at import time.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from stockflow.errors import ConfigError
 
 ServiceName = Literal["kafka", "mongodb", "redis"]
 FerretBackend = Literal["sqlite", "postgresql"]
 
 LOOPBACK = "127.0.0.1"
+KAFKA_LOGGER = "stockflow.librdkafka"
+"""The logger librdkafka's own lines go to (``logs.py`` decides what is shown)."""
 
 
 def _default_cache_dir() -> Path:
@@ -28,16 +34,79 @@ def _default_cache_dir() -> Path:
     return Path(base) / "stockflow"
 
 
+MASK = "***"
+
+_SECRET_PARAM = re.compile(
+    r"pass|pwd|secret|token|key|credential|signature|authmechanismproperties", re.IGNORECASE
+)
+"""Query parameters whose value is (or may contain) a secret: ``password=``,
+``tlsCertificateKeyFilePassword=``, ``authMechanismProperties=AWS_SESSION_TOKEN:...``."""
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys")
+
+
+def _mask_query(query: str, found: list[str]) -> str:
+    parts = re.split(r"([&;])", query)
+    for i, part in enumerate(parts):
+        name, sep, value = part.partition("=")
+        if sep and _SECRET_PARAM.search(name):
+            parts[i] = f"{name}={MASK}"
+            found.append(value)
+    return "".join(parts)
+
+
+def _mask_one(url: str, found: list[str] | None = None) -> str:
+    found = [] if found is None else found
+    # A scheme only if it looks like one: a password may hold "://" too.
+    match = re.match(r"([A-Za-z][A-Za-z0-9+.\-_]*)(://)", url)
+    scheme, sep = match.groups() if match else ("", "")
+    rest = url[match.end() :] if match else url
+    query_at = rest.find("?")
+    head = rest if query_at < 0 else rest[:query_at]
+    # The userinfo ends at the last "@" before the query; a password holding a raw "?" puts
+    # its "@" after that, and then everything up to the last "@" is masked.
+    at = head.rfind("@")
+    if at < 0:
+        at = rest.rfind("@")
+    if at >= 0:
+        userinfo, hostpart = rest[:at], rest[at + 1 :]
+        user, colon, password = userinfo.partition(":")
+        if colon:
+            userinfo = f"{user}:{MASK}"
+            found.append(password)
+        elif scheme.lower() in _REDIS_SCHEMES:
+            found.append(userinfo)
+            userinfo = MASK  # redis://secret@host: a lone userinfo is the password
+        rest = f"{userinfo}@{hostpart}"
+    path, qmark, query = rest.partition("?")
+    if qmark:
+        query, hash_, fragment = query.partition("#")
+        rest = f"{path}?{_mask_query(query, found)}{hash_}{fragment}"
+    return f"{scheme}{sep}{rest}"
+
+
 def mask_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***``, for logs and status output."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """Return ``url`` with every password and secret query parameter replaced by ``***``.
+
+    For logs, status output and errors. Handles any form (several hosts, ``mongodb+srv``,
+    ``redis://:password@host``, ``?password=``, Kafka bootstrap lists, no scheme at all) by
+    plain string work rather than a URL parser, and never raises. When unsure where the
+    userinfo ends it masks more (up to the last ``@``), never less.
+    """
+    try:
+        return _mask_one(str(url))
+    except Exception:  # masking must never be what fails
+        return MASK
+
+
+def url_secrets(url: str) -> list[str]:
+    """The passwords and secret query values in ``url``, as written and percent-decoded."""
+    found: list[str] = []
+    try:
+        _mask_one(str(url), found)
+    except Exception:
+        return [str(url)]  # unreadable: treat the whole string as secret
+    return [v for s in found for v in {s, unquote(s)} if len(v) >= 3]
 
 
 class Settings(BaseSettings):
@@ -135,6 +204,23 @@ class Settings(BaseSettings):
     mongodb_timeout_ms: int = Field(
         default=5000, ge=100, description="Server selection timeout of the MongoDB client."
     )
+    mongodb_socket_timeout_ms: int = Field(
+        default=30_000,
+        ge=100,
+        description="Deadline of every reply from MongoDB (the client's `socketTimeoutMS`): a "
+        "call to a hung server, or to a FerretDB whose storage hangs, fails after this long "
+        "and is retried as an outage instead of blocking the worker.",
+    )
+    mongodb_operation_timeout_ms: int = Field(
+        default=0,
+        ge=0,
+        description="Overall deadline of each MongoDB call, retries included (the client's "
+        "`timeoutMS`, also sent as `maxTimeMS`, which FerretDB honours). 0: off. When set, "
+        "pymongo waits this long, not the server selection timeout, for an absent server.",
+    )
+    mongodb_connect_timeout_ms: int = Field(
+        default=5000, ge=100, description="How long opening a MongoDB connection may take."
+    )
     mongodb_concurrency: int = Field(
         default=8,
         ge=1,
@@ -155,6 +241,14 @@ class Settings(BaseSettings):
         gt=0,
         description="After SIGTERM/SIGINT, how long a call in flight may still take before the "
         "worker exits (status 75) without committing it.",
+    )
+
+    # --- what the command line shows (the global -v and --timestamps; children inherit) ---
+    verbose: bool = Field(
+        default=False, description="Debug logging, librdkafka's own lines included (`-v`)."
+    )
+    log_timestamps: bool = Field(
+        default=False, description="Prefix log lines with the time (`--timestamps`)."
     )
 
     # --- the local stack ---
@@ -249,21 +343,61 @@ class Settings(BaseSettings):
             "STOCKFLOW_GROUP_ID": self.group_id,
             "STOCKFLOW_COMMANDS_PARTITIONS": str(self.commands_partitions),
             "STOCKFLOW_BATCH_SIZE": str(self.batch_size),
+            "STOCKFLOW_VERBOSE": str(self.verbose).lower(),
+            "STOCKFLOW_LOG_TIMESTAMPS": str(self.log_timestamps).lower(),
         }
 
     def kafka_config(self, **extra: Any) -> dict[str, Any]:
-        """librdkafka configuration shared by every client, with ``extra`` on top."""
-        return {"bootstrap.servers": self.kafka_bootstrap, "client.id": "stockflow", **extra}
+        """librdkafka configuration shared by every client, with ``extra`` on top.
+
+        librdkafka's own log lines go to Python logging (``stockflow.librdkafka``, see
+        ``logs.py``) instead of straight to stderr.
+        """
+        return {
+            "bootstrap.servers": self.kafka_bootstrap,
+            "client.id": "stockflow",
+            "logger": logging.getLogger(KAFKA_LOGGER),
+            **extra,
+        }
+
+    def secrets(self) -> list[str]:
+        """Every password in the three service addresses, to keep out of what is shown."""
+        return [
+            secret
+            for url in (self.kafka_bootstrap, self.mongodb_url, self.redis_dsn)
+            for secret in url_secrets(url)
+        ]
 
     def addresses(self) -> dict[ServiceName, str]:
         """The three service addresses, passwords masked, for humans."""
         return {
-            "kafka": self.kafka_bootstrap,
+            "kafka": mask_url(self.kafka_bootstrap),
             "mongodb": mask_url(self.mongodb_url),
             "redis": mask_url(self.redis_dsn),
         }
 
 
+def _variable(field: str) -> str:
+    """The environment variable that sets ``field``."""
+    info = Settings.model_fields.get(field)
+    alias = info.validation_alias if info is not None else None
+    if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str):
+        return alias.choices[0]
+    return f"STOCKFLOW_{field.upper()}"
+
+
 def load_settings(**overrides: Any) -> Settings:
-    """Read the settings from the environment now; ``overrides`` win over the environment."""
-    return Settings(**overrides)
+    """Read the settings from the environment now; ``overrides`` win over the environment.
+
+    ConfigError (one line naming each variable, what is wrong and the value given) if any
+    setting is unusable.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = [
+            f"{_variable(str(error['loc'][0]) if error['loc'] else '?')}: {error['msg']}"
+            + (f" (got {error['input']!r})" if isinstance(error.get("input"), str | int) else "")
+            for error in exc.errors()
+        ]
+        raise ConfigError("invalid settings: " + "; ".join(problems)) from None

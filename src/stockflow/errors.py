@@ -51,9 +51,22 @@ class TopicError(StockflowError):
     """A topic could not be created, listed or described."""
 
 
+class KafkaUnavailableError(TopicError, ServiceUnavailableError):
+    """Kafka did not answer a topic request: the broker is away, not the topic wrong."""
+
+
 class TransientError(StockflowError):
     """A failure worth retrying: a service is down or busy, or a write raced another."""
 
 
 class ConcurrentWriteError(TransientError):
     """A product changed between reading it and writing it: another writer is active."""
+
+
+EXIT_TEMPFAIL = 75
+"""Exit status of a worker that stopped for a transient cause (a service unreachable, a hung
+call): its supervisor starts a fresh one after a backoff (sysexits' EX_TEMPFAIL)."""
+
+EXIT_CONFIG = 78
+"""Exit status of a command whose settings cannot work (sysexits' EX_CONFIG): restarting it
+would fail again, so a supervisor gives up at once."""

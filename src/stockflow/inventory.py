@@ -2,7 +2,8 @@
 
 :meth:`Inventory.write_changes` is the one place stock changes. stockflow adds one field of
 its own to a product it changes, ``_stockflow`` (see ``planner``), and needs no migration:
-products written by anyone in the plain schema work as they are.
+products written by anyone in the plain schema work as they are, and so do products with a
+marker of an earlier form (converted at their next write).
 """
 
 from __future__ import annotations
@@ -30,14 +31,12 @@ FEW = 32
 """Up to this many products are looked up one by one rather than with one ``$in`` query."""
 
 
-def mongo_client(settings: Settings) -> MongoClient[Product]:
-    """A client for the configured server (a real MongoDB or the local FerretDB)."""
-    return MongoClient(
-        settings.mongodb_url,
-        serverSelectionTimeoutMS=settings.mongodb_timeout_ms,
-        appname="stockflow",
-        tz_aware=True,
-    )
+def _version_filter(change: ProductChange) -> dict[str, Any]:
+    """The marker the change was planned from: its version, or no marker at all."""
+    if change.expected_version is None:
+        return {MARKER: {"$exists": False}}
+    name, value = change.expected_version
+    return {f"{MARKER}.{name}": value}
 
 
 class Inventory:
@@ -107,21 +106,16 @@ class Inventory:
     def write_changes(self, changes: Sequence[ProductChange]) -> None:
         """Compare-and-set each product; ConcurrentWriteError if another writer got there first.
 
-        Each change is conditional on the stock and marker the plan was made from, so a second
-        writer of the same product (a consumer that lost its partition but has not noticed
-        yet, or anyone writing the plain schema directly) can never have its change silently
-        overwritten. Documents are found by ``_id`` (an index lookup on every server); the
-        update commands, small for FerretDB's sake, run side by side on the writer's pool.
+        Each change is conditional on the stock and marker version the plan was made from, so
+        a second writer of the same product (another pipeline, a consumer that lost its
+        partition but has not noticed yet, or anyone writing the plain schema directly) can
+        never have its change silently overwritten: the loser plans again from what is
+        stored. Documents are found by ``_id`` (an index lookup on every server); the update
+        commands, small for FerretDB's sake, run side by side on the writer's pool.
         """
         ops = [
             UpdateOne(
-                {
-                    "_id": c.doc_id,
-                    "stock": c.expected_stock,
-                    f"{MARKER}.last": c.expected_last
-                    if c.expected_last is not None
-                    else {"$exists": False},
-                },
+                {"_id": c.doc_id, "stock": c.expected_stock, **_version_filter(c)},
                 {"$set": {"stock": c.new_stock, MARKER: c.marker}},
             )
             for c in changes

@@ -1,6 +1,7 @@
 """Every librdkafka configuration stockflow uses, one function per role, built from Settings.
 
-``Settings.kafka_config()`` is the base every client shares (bootstrap servers, client id);
+``Settings.kafka_config()`` is the base every client shares (bootstrap servers, client id,
+the logger that takes librdkafka's own lines);
 each role adds what it needs and says why. Callers pass ``overrides`` last, so a test or a
 benchmark can change one knob without copying the rest.
 """

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from pymongo import UpdateOne
+from pymongo import ReplaceOne, UpdateOne
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError
@@ -82,7 +82,11 @@ def insert_all(
             collection.insert_many(chunk, ordered=False)
         except BulkWriteError as exc:
             errors = exc.details.get("writeErrors", [])
-            if any(err.get("code") != DUPLICATE_KEY for err in errors):
+            # Write-concern errors: the inserts were not confirmed durable, so nothing here
+            # counts as done (``mongo.classify`` takes them as transient: wait and redo).
+            if exc.details.get("writeConcernErrors") or any(
+                err.get("code") != DUPLICATE_KEY for err in errors
+            ):
                 raise
             return {chunk[err["index"]]["_id"] for err in errors}
         return set()
@@ -191,6 +195,9 @@ class Ledger:
             **({"reason": decision.reason} if decision.reason else {}),
             "source": _src(decision.entry.source),
             "position": _src(decision.entry.position),
+            # The commands topic's incarnation: the audit tells a recreated topic's records
+            # apart from its predecessor's at the same positions.
+            **({"topicId": decision.entry.topic_id} if decision.entry.topic_id else {}),
             "at": at,
         }
 
@@ -207,8 +214,18 @@ class Ledger:
                 for d in mine
                 if d.outcome not in (Outcome.DUPLICATE, Outcome.DEAD_LETTERED)
             ]
-            # Already there after a crash between this and the Kafka commit: the same record.
-            insert_all(self.records[kind], owned, self.pool)
+            # Already there after a crash between this and the Kafka commit: the crashed
+            # attempt's record, which this attempt's replaces (only on replays). They differ
+            # when a command was decided without a write and another pipeline changed the
+            # product since: the record must say what this attempt publishes.
+            skipped = insert_all(self.records[kind], owned, self.pool)
+            again = [
+                ReplaceOne({"_id": r["_id"], "position": r["position"]}, r)
+                for r in owned
+                if r["_id"] in skipped
+            ]
+            for chunk in chunks(again):
+                self.records[kind].bulk_write(list(chunk), ordered=False)
             notes = [
                 UpdateOne(
                     {"_id": d.entry.command.id},

@@ -15,7 +15,8 @@ from stockflow.cache import ProductCache, redis_client
 from stockflow.catalog import ProductReader
 from stockflow.config import Settings
 from stockflow.errors import ServiceUnavailableError
-from stockflow.inventory import Inventory, Product, mongo_client
+from stockflow.inventory import Inventory, Product
+from stockflow.mongo import mongo_client
 
 
 @dataclass

@@ -4,19 +4,31 @@ No I/O here. Given the commands of one batch (in partition order), the products 
 as MongoDB holds them, and which commands already own their id, :func:`plan_batch` decides
 every outcome and the one compare-and-set change per product. It is deterministic, so a batch
 replayed after a crash plans the same outcomes, and each product's ``_stockflow`` marker tells
-it what the crashed attempt already wrote:
+it what the crashed attempt already wrote::
 
-``_stockflow = {partition, first, last, before, steps, baseline, since}``: the changes written
-since the last commit cover the commands at offsets ``first..last`` of ``partition`` of the
-commands topic, starting from stock ``before``; ``steps`` maps each of those offsets to the
-stock after it, so a replay can start at any of them (a re-fetch need not split batches where
-the crashed attempt did). ``baseline`` is the stock stockflow found before the command at
-offset ``since``: the audit counts changes from there.
+    _stockflow = {v, baseline, topics: [{topic, id, partition, last, since, steps}, ...]}
+
+``topics`` has one entry per commands topic that wrote the product (at most
+:data:`MAX_TOPICS`, the most recently written last): the topic's name and Kafka's id of it
+(``id``; a topic deleted and recreated under the same name has a new one, so it is another
+topic), and the product's partition of it. ``steps`` holds the commands of that partition
+written since its last commit, up to offset ``last``: offset -> the stock after the command
+if it was applied, or ``-1 - stock`` if it was an order refused at that stock. A command of
+the batch at an offset up to ``last`` of *its own* topic's entry was written already: its
+decision is read back from its step, never taken again from stock (another pipeline may have
+changed the stock since). Every other command is decided from the stored stock.
+
+``v`` counts the writes (the compare-and-set checks it, and the cache orders entries by it);
+``baseline`` is the stock the audit counts from: stock = baseline + the changes recorded for
+each entry's topic from offset ``since`` on.
+
+A marker written before markers named their topic (``{partition, first, last, before,
+steps, baseline, since}``) belongs to no topic: its product is decided from the stored stock
+and gets a marker of this form at its next write.
 """
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,9 +37,12 @@ from typing import Any
 from stockflow.orders import Command, Order
 from stockflow.outcomes import Outcome, Source
 
-log = logging.getLogger(__name__)
-
 MARKER = "_stockflow"
+MAX_TOPICS = 8
+"""Commands topics a marker remembers; writing from a further one forgets the least recent."""
+
+Topic = dict[str, Any]
+"""One entry of a marker's ``topics``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +54,8 @@ class Entry:
     source: Source
     """Where it was on the input topic."""
     command: Command
+    topic_id: str | None = None
+    """Kafka's id of the commands topic (None: unknown, the topic's name alone identifies it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,13 +70,15 @@ class Decision:
 
 @dataclass(frozen=True, slots=True)
 class ProductChange:
-    """A compare-and-set of one product: from (stock, marker last) to the new stock and marker."""
+    """A compare-and-set of one product: from (stock, marker version) to new stock and marker."""
 
     product_id: int
     doc_id: Any
     """The product document's ``_id``: the compare-and-set finds the document by it."""
     expected_stock: Any
-    expected_last: int | None
+    expected_version: tuple[str, Any] | None
+    """The marker field and value the product was planned from: ``("v", n)``, ``("last",
+    offset)`` for a marker of the old form, None for a product without a marker."""
     new_stock: int
     marker: dict[str, Any]
 
@@ -85,6 +104,68 @@ def _valid_stock(value: Any) -> int | None:
     if isinstance(value, float) and value.is_integer() and value >= 0:
         return int(value)
     return None
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def topic_entries(marker: Any) -> list[Topic] | None:
+    """The ``topics`` of a marker of the current form (entries that are not well formed are
+    left out); None for no marker or one of the old form."""
+    if not isinstance(marker, Mapping) or not isinstance(marker.get("topics"), list):
+        return None
+    entries = []
+    for item in marker["topics"]:
+        if (
+            isinstance(item, Mapping)
+            and isinstance(item.get("topic"), str)
+            and isinstance(item.get("id"), str | None)
+            and all(_int(item.get(k)) is not None for k in ("partition", "last", "since"))
+            and isinstance(item.get("steps"), Mapping)
+        ):
+            entries.append(dict(item))
+    return entries
+
+
+def marker_version(product: Mapping[str, Any]) -> int:
+    """How many times stockflow wrote the product, as its marker says; -1 before any.
+
+    A marker of the old form counts the offset of its last change instead, which is what
+    the next write continues from, so the version only ever grows.
+    """
+    marker = product.get(MARKER)
+    if not isinstance(marker, Mapping):
+        return -1
+    version = _int(marker.get("v") if "topics" in marker else marker.get("last"))
+    return -1 if version is None else version
+
+
+def _expected_version(marker: Any) -> tuple[str, Any] | None:
+    if not isinstance(marker, Mapping):
+        return None
+    if "topics" in marker:
+        return ("v", marker.get("v"))
+    return ("last", marker.get("last"))
+
+
+def _is_writer(item: Topic, head: Entry) -> bool:
+    """Whether a marker entry is the one of the topic (and partition) ``head`` came from."""
+    if item["topic"] != head.position.topic or item["partition"] != head.position.partition:
+        return False
+    return head.topic_id is None or item.get("id") == head.topic_id
+
+
+def _step(decision: Decision) -> int:
+    stock = decision.stock_after or 0
+    return stock if decision.outcome is Outcome.APPLIED else -1 - stock
+
+
+def _replayed(entry: Entry, step: int) -> Decision:
+    """The decision a written step records."""
+    if step >= 0:
+        return Decision(entry, Outcome.APPLIED, step)
+    return Decision(entry, Outcome.INSUFFICIENT_STOCK, -1 - step)
 
 
 def plan_batch(
@@ -137,64 +218,97 @@ def _plan_product(
     plan: Plan,
     verdicts: dict[Source, Decision],
 ) -> None:
-    partition = group[0].position.partition
-    marker = doc.get(MARKER) if isinstance(doc.get(MARKER), Mapping) else None
-    last = marker.get("last") if marker and marker.get("partition") == partition else None
-    running = stock
-    replayed = 0
+    head = group[0]
+    marker = doc.get(MARKER)
+    topics = topic_entries(marker)
+    mine = next((item for item in topics or [] if _is_writer(item, head)), None)
     steps: dict[str, int] = {}
-    first, before = group[0].position.offset, stock
-    if marker is not None and last is not None and last >= group[0].position.offset:
-        # A replay of commands whose change was already written (but not committed): decide
-        # them again from the stock before the first of them, which the marker's steps give.
-        steps = {str(k): int(v) for k, v in (marker.get("steps") or {}).items()}
-        first, before = int(marker["first"]), int(marker["before"])
-        earlier = [int(k) for k in steps if int(k) < group[0].position.offset]
-        running = steps[str(max(earlier))] if earlier else before
+    replayed = 0
+    if mine is not None and head.position.offset <= mine["last"]:
+        # Commands this topic already wrote (but did not commit): their decisions are in the
+        # steps. The stored stock may have moved on since (another pipeline), so it is not
+        # consulted for them.
+        steps = {str(k): int(v) for k, v in mine["steps"].items()}
+        probe = stock
         for entry in group:
-            if entry.position.offset > last:
+            if entry.position.offset > mine["last"]:
                 break
-            running = _decide(entry, running, verdicts)
+            step = steps.get(str(entry.position.offset))
+            if step is None:
+                # Committed before the marker's range (offsets were rewound): it changed the
+                # stock then; tell it again without changing anything.
+                probe = _decide(entry, probe, verdicts)
+            else:
+                verdicts[entry.position] = _replayed(entry, step)
             replayed += 1
-        if group[replayed - 1].position.offset == last and running != stock:
-            log.error(
-                "product %s: replayed stock %s differs from stored %s", product_id, running, stock
-            )
-            running = stock
     fresh = group[replayed:]
     if not fresh:
         return
-    if not replayed:
-        first, before = fresh[0].position.offset, running
-    start = running
+    running = stock
+    applied = False
     for entry in fresh:
         running = _decide(entry, running, verdicts)
-        steps[str(entry.position.offset)] = running
-    if running == start and marker is not None and last is not None:
-        return  # nothing applied: no write needed, the marker stays valid
-    new_marker: dict[str, Any] = {
-        "partition": partition,
-        "first": first,
-        "last": fresh[-1].position.offset,
-        "before": before,
-        "steps": steps,
-    }
-    if marker and "baseline" in marker and "since" in marker:
-        new_marker["baseline"] = int(marker["baseline"])
-        new_marker["since"] = int(marker["since"])
-    else:
-        new_marker["baseline"] = stock
-        new_marker["since"] = fresh[0].position.offset
+        decision = verdicts[entry.position]
+        applied = applied or decision.outcome is Outcome.APPLIED
+        steps[str(entry.position.offset)] = _step(decision)
+    if not applied and topics is not None:
+        # Nothing applied: no write needed. A replay decides these again from the stored
+        # stock, the same one unless another pipeline changed it meanwhile (then the replay's
+        # outcome records replace the crashed attempt's; see ``Ledger.finish``).
+        return
     plan.changes.append(
         ProductChange(
             product_id,
             doc_id=doc.get("_id"),
             expected_stock=doc.get("stock"),
-            expected_last=int(marker["last"]) if marker and "last" in marker else None,
+            expected_version=_expected_version(marker),
             new_stock=running,
-            marker=new_marker,
+            marker=_next_marker(doc, topics, mine, head, fresh, steps, stock),
         )
     )
+
+
+def _next_marker(
+    doc: Mapping[str, Any],
+    topics: list[Topic] | None,
+    mine: Topic | None,
+    head: Entry,
+    fresh: list[Entry],
+    steps: dict[str, int],
+    stock: int,
+) -> dict[str, Any]:
+    """The marker after this write: the writer's entry updated (last), the others kept.
+
+    Entries of the writer's topic name that are not the writer's (a deleted incarnation of
+    the topic) and the least recently written beyond :data:`MAX_TOPICS` are forgotten; the
+    audit then counts from the stock stored now (every remembered topic from after its
+    ``last``), since the changes of a forgotten topic are no longer told apart.
+    """
+    name = head.position.topic
+    others = [
+        item
+        for item in topics or []
+        if item is not mine
+        and not (item["topic"] == name and item["partition"] == head.position.partition)
+    ]
+    forgot = topics is None or len(others) + (mine is not None) < len(topics)
+    if len(others) >= MAX_TOPICS:
+        others, forgot = others[len(others) - MAX_TOPICS + 1 :], True
+    marker = doc.get(MARKER)
+    baseline = _int(marker.get("baseline")) if isinstance(marker, Mapping) else None
+    since = fresh[0].position.offset if mine is None else mine["since"]
+    if forgot or baseline is None:
+        baseline, since = stock, fresh[0].position.offset
+        others = [{**item, "since": item["last"] + 1} for item in others]
+    writer: Topic = {
+        "topic": name,
+        "id": head.topic_id,
+        "partition": head.position.partition,
+        "last": fresh[-1].position.offset,
+        "since": since,
+        "steps": steps,
+    }
+    return {"v": marker_version(doc) + 1, "baseline": baseline, "topics": [*others, writer]}
 
 
 def _decide(entry: Entry, stock: int, verdicts: dict[Source, Decision]) -> int:

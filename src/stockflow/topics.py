@@ -1,10 +1,10 @@
-"""Topic administration: create, list, and read end offsets."""
+"""Topic administration: create, list, describe (the topic's id), and read end offsets."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicCollection, TopicPartition
 from confluent_kafka.admin import (
     AdminClient,
     NewTopic,
@@ -12,7 +12,7 @@ from confluent_kafka.admin import (
 
 from stockflow import kafka_clients
 from stockflow.config import Settings
-from stockflow.errors import TopicError
+from stockflow.errors import KafkaUnavailableError, TopicError
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,9 @@ def list_topics(settings: Settings, *, include_internal: bool = False) -> list[T
     try:
         metadata = admin_client(settings).list_topics(timeout=settings.kafka_timeout_seconds)
     except KafkaException as exc:
-        raise TopicError(f"cannot list topics at {settings.kafka_bootstrap}: {exc}") from None
+        raise KafkaUnavailableError(
+            f"cannot list topics at {settings.addresses()['kafka']}: {exc}"
+        ) from None
     topics = []
     for name, topic in sorted(metadata.topics.items()):
         if name.startswith("__") and not include_internal:
@@ -67,14 +69,33 @@ def require_topic(settings: Settings, topic: str) -> int:
     try:
         metadata = admin_client(settings).list_topics(topic, timeout=settings.kafka_timeout_seconds)
     except KafkaException as exc:
-        raise TopicError(f"cannot reach Kafka at {settings.kafka_bootstrap}: {exc}") from None
+        raise KafkaUnavailableError(
+            f"cannot reach Kafka at {settings.addresses()['kafka']}: {exc}"
+        ) from None
     found = metadata.topics.get(topic)
     if found is None or found.error is not None:
         raise TopicError(
-            f"topic {topic!r} does not exist at {settings.kafka_bootstrap}; create it with "
+            f"topic {topic!r} does not exist at {settings.addresses()['kafka']}; create it with "
             f"`stockflow topics create {topic} --partitions N`"
         )
     return len(found.partitions)
+
+
+def topic_id(settings: Settings, name: str) -> str | None:
+    """Kafka's id of topic ``name``: a topic deleted and recreated under the same name gets a
+    new one. None if the cluster gives topics no ids; TopicError if the topic is missing."""
+    admin = admin_client(settings)  # kept alive until the future is done
+    futures = admin.describe_topics(
+        TopicCollection([name]), request_timeout=settings.kafka_timeout_seconds
+    )
+    try:
+        description = futures[name].result()
+    except KafkaException as exc:
+        raise TopicError(f"cannot describe topic {name!r}: {exc.args[0].str()}") from None
+    uid = description.topic_id
+    if uid is None or (uid.get_most_significant_bits(), uid.get_least_significant_bits()) == (0, 0):
+        return None
+    return str(uid)
 
 
 def end_offsets(settings: Settings, topic: str) -> dict[int, int]:

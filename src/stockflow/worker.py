@@ -21,7 +21,7 @@ from stockflow.ledger import Ledger
 from stockflow.pipeline import Pipeline
 from stockflow.planner import Decision
 from stockflow.router import Router
-from stockflow.topics import create_topic, end_offsets, require_topic
+from stockflow.topics import create_topic, end_offsets, require_topic, topic_id
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,16 @@ class Worker:
         )
         ledger.ensure_indexes()
         store = DeadLetterStore(pipeline.mongo[settings.database])
-        self.applier = Applier(settings, pipeline.inventory, ledger, pipeline.cache, store)
+        self.applier = Applier(
+            settings,
+            pipeline.inventory,
+            ledger,
+            pipeline.cache,
+            store,
+            # Products' markers name the commands topic by its id, so that a topic recreated
+            # under the same name (or another pipeline's) is never taken for this one.
+            topic_ids=lambda name: topic_id(settings, name),
+        )
         if listener is not None:
             self.applier.listeners.append(listener)
         self.loops: dict[str, TransactionalLoop] = {}

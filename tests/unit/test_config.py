@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from stockflow.config import Settings, mask_url
+from stockflow.config import Settings, load_settings, mask_url
+from stockflow.errors import ConfigError
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +67,77 @@ def test_state_dir_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         ("mongodb://u:p@h:1/db", "mongodb://u:***@h:1/db"),
         ("redis://:p@h:6379/0", "redis://:***@h:6379/0"),
         ("mongodb://h:1/", "mongodb://h:1/"),
+        # Several hosts (urlsplit raised on this one, and `stack status` printed a traceback).
+        (
+            "mongodb://app:pw@h1:1,h2:2/?replicaSet=rs0",
+            "mongodb://app:***@h1:1,h2:2/?replicaSet=rs0",
+        ),
+        (
+            "mongodb+srv://app:pw@cluster.example/db?retryWrites=true",
+            "mongodb+srv://app:***@cluster.example/db?retryWrites=true",
+        ),
+        ("rediss://default:pw@h:6380/0", "rediss://default:***@h:6380/0"),
+        ("redis://pw@h/0", "redis://***@h/0"),  # redis: a lone userinfo is the password
+        ("mongodb://x509user@h/", "mongodb://x509user@h/"),  # mongodb: a lone user is a name
+        (
+            "mongodb://h/?authSource=admin&password=pw&tlsCertificateKeyFilePassword=k",
+            "mongodb://h/?authSource=admin&password=***&tlsCertificateKeyFilePassword=***",
+        ),
+        ("mongodb://u:p@ss@h/", "mongodb://u:***@h/"),  # an unescaped "@" in the password
+        ("mongodb://u:a?b=c@h/db", "mongodb://u:***@h/db"),  # an unescaped "?" too
+        ("SASL_SSL://u:pw@b1:9092,b2:9092", "SASL_SSL://u:***@b1:9092,b2:9092"),
+        ("u:pw@b1:9092", "u:***@b1:9092"),
+        ("u:a://b@b1:9092", "u:***@b1:9092"),  # "://" inside a password is not a scheme
+        ("b1:9092,b2:9092", "b1:9092,b2:9092"),
+        ("mongodb://[::1]:27017/", "mongodb://[::1]:27017/"),
+        ("", ""),
     ],
 )
 def test_mask_url(url: str, shown: str) -> None:
     assert mask_url(url) == shown
+
+
+PASSWORD = st.text(min_size=1, max_size=20).map(lambda text: f"Zq{text}Zq")
+FORMS = [
+    "mongodb://app:{pw}@h1:1,h2:2/?replicaSet=rs0",
+    "mongodb+srv://app:{pw}@cluster.example/db?w=majority",
+    "redis://:{pw}@cache:6379/0",
+    "rediss://{pw}@cache:6380/1",
+    "u:{pw}@broker:9092,broker2:9092",
+    "mongodb://h:1/?authSource=admin&password={pw}&appName=x",
+    "SASL_SSL://u:{pw}@b:9092",
+    "mongodb://u:{pw}@h/?password={pw}",
+]
+
+
+@given(pw=PASSWORD, form=st.sampled_from(FORMS), junk=st.text(max_size=30))
+def test_mask_url_never_raises_and_never_shows_the_password(pw: str, form: str, junk: str) -> None:
+    if "password=" in form:
+        # Inside a query a raw "&", ";" or "#" ends the value: that is URL syntax, not a leak.
+        pw = re.sub(r"[&;#]", "", pw)
+    url = form.format(pw=pw)
+    assert pw not in mask_url(url)
+    assert isinstance(mask_url(junk + url), str)
+    assert isinstance(mask_url(junk), str)
+
+
+def test_addresses_never_show_a_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "SASL_SSL://app:kafkapw@b1:9092,b2:9092")
+    monkeypatch.setenv("MONGODB_URI", "mongodb://app:mongopw@h1:1,h2:2/?replicaSet=rs0")
+    monkeypatch.setenv("REDIS_URL", "redis://:redispw@cache:6379/0")
+    shown = " ".join(Settings().addresses().values())
+    assert not {"kafkapw", "mongopw", "redispw"} & set(re.findall(r"\w+", shown))
+
+
+def test_unusable_settings_are_one_line_naming_each_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("STOCKFLOW_BATCH_SIZE", "0")
+    monkeypatch.setenv("STOCKFLOW_COMMANDS_TOPIC", "")
+    monkeypatch.setenv("STOCKFLOW_MONGODB_SOCKET_TIMEOUT_MS", "soon")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "STOCKFLOW_BATCH_SIZE: Input should be greater than or equal to 1 (got '0')" in message
+    assert "STOCKFLOW_MONGODB_SOCKET_TIMEOUT_MS" in message and "'soon'" in message

@@ -6,12 +6,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
+from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from stockflow.orders import Order, Restock
+from stockflow.audit import Change, _counted
+from stockflow.orders import Command, Order, Restock
 from stockflow.outcomes import Outcome, Source
-from stockflow.planner import MARKER, Entry, Plan, ProductChange, plan_batch
+from stockflow.planner import MARKER, MAX_TOPICS, Decision, Entry, Plan, ProductChange, plan_batch
 
 Owners = Mapping[tuple[str, int | str], Source]
 Products = Mapping[int, Mapping[str, Any] | None]
@@ -29,6 +31,27 @@ def restock(offset: int, product: int, qty: int, rid: int | str | None = None) -
 
 def plan(entries: Sequence[Entry], products: Products, owners: Owners | None = None) -> Plan:
     return plan_batch(entries, products, owners or {})
+
+
+def marker_of(version: int, *topics: Mapping[str, Any]) -> dict[str, Any]:
+    """A marker of the current form (topic entries default to partition 0 and no id)."""
+    return {
+        "v": version,
+        "baseline": 0,
+        "topics": [{"id": None, "partition": 0, **t} for t in topics],
+    }
+
+
+def single(version: int, baseline: int, last: int, steps: dict[str, int]) -> dict[str, Any]:
+    """The marker of a product written only by topic ``cmds`` (partition 0), since offset 0."""
+    topic = {"topic": "cmds", "id": None, "partition": 0, "last": last, "since": 0}
+    return {"v": version, "baseline": baseline, "topics": [{**topic, "steps": steps}]}
+
+
+def written_range(change: ProductChange) -> tuple[int, int]:
+    """The first and last offset the writer's entry of the change's marker covers."""
+    writer = change.marker["topics"][-1]
+    return min(int(k) for k in writer["steps"]), writer["last"]
 
 
 def verdicts(p: Plan) -> list[tuple[Source, Outcome, int | None]]:
@@ -51,13 +74,19 @@ def test_orders_and_restocks_run_in_offset_order_against_the_document_stock() ->
         (Source("cmds", 0, 13), Outcome.INSUFFICIENT_STOCK, 3),
     ]
     marker = {
-        "partition": 0,
-        "first": 10,
-        "last": 13,
-        "before": 5,
-        "steps": {"10": 2, "11": 7, "12": 3, "13": 3},  # the stock after each command
+        "v": 0,
         "baseline": 5,
-        "since": 10,
+        "topics": [
+            {
+                "topic": "cmds",
+                "id": None,
+                "partition": 0,
+                "last": 13,
+                "since": 10,
+                # The stock after each applied command; -1 - stock for an order refused.
+                "steps": {"10": 2, "11": 7, "12": 3, "13": -4},
+            }
+        ],
     }
     assert result.changes == [ProductChange(1, None, 5, None, 3, marker)]
 
@@ -74,35 +103,41 @@ def test_one_change_per_product_each_from_its_own_stock() -> None:
     changes = {c.product_id: c for c in result.changes}
     assert len(result.changes) == 2
     assert (changes[1].expected_stock, changes[1].new_stock) == (10, 7)
-    assert (changes[1].marker["first"], changes[1].marker["last"]) == (0, 3)
+    assert written_range(changes[1]) == (0, 3)
     assert (changes[2].expected_stock, changes[2].new_stock) == (7, 8)
-    assert (changes[2].marker["first"], changes[2].marker["last"]) == (1, 2)
+    assert written_range(changes[2]) == (1, 2)
 
 
-def test_an_existing_marker_gives_expected_last_and_carries_baseline_and_since() -> None:
-    old = {"partition": 0, "first": 3, "last": 4, "before": 9, "baseline": 7, "since": 0}
+def test_an_existing_marker_gives_the_expected_version_and_carries_baseline_and_since() -> None:
+    old = marker_of(4, {"topic": "cmds", "last": 4, "since": 0, "steps": {"3": 9, "4": 8}})
+    old["baseline"] = 7
     result = plan([order(5, 1, 2), restock(6, 1, 1)], {1: {"stock": 8, MARKER: old}})
     marker = {
-        "partition": 0,
-        "first": 5,  # not a replay: the marker starts over at this batch
-        "last": 6,
-        "before": 8,
-        "steps": {"5": 6, "6": 7},
+        "v": 5,
         "baseline": 7,
-        "since": 0,
-    }
-    assert result.changes == [ProductChange(1, None, 8, 4, 7, marker)]
+        "topics": [
+            # Not a replay: the steps start over at this batch; the audit's since stays.
+            {"topic": "cmds", "id": None, "partition": 0, "last": 6, "since": 0,
+             "steps": {"5": 6, "6": 7}},
+        ],
+    }  # fmt: skip
+    assert result.changes == [ProductChange(1, None, 8, ("v", 4), 7, marker)]
 
 
 def test_nothing_applied_writes_only_when_there_is_no_marker_yet() -> None:
-    old = {"partition": 0, "first": 0, "last": 0, "before": 3, "baseline": 3, "since": 0}
+    old = marker_of(0, {"topic": "cmds", "last": 0, "since": 0, "steps": {"0": 3}})
     with_marker = plan([order(1, 1, 5)], {1: {"stock": 2, MARKER: old}})
     assert verdicts(with_marker) == [(Source("cmds", 0, 1), Outcome.INSUFFICIENT_STOCK, 2)]
     assert with_marker.changes == []
     without = plan([order(1, 1, 5)], {1: {"stock": 2}})
-    assert [(c.new_stock, c.expected_last, c.marker["first"]) for c in without.changes] == [
-        (2, None, 1)
+    assert [(c.new_stock, c.expected_version, written_range(c)) for c in without.changes] == [
+        (2, None, (1, 1))
     ]
+
+
+def version_of(doc: Mapping[str, Any]) -> tuple[str, Any] | None:
+    marker = doc.get(MARKER)
+    return None if marker is None else ("v", marker["v"])
 
 
 def test_unknown_product_is_rejected_without_a_change() -> None:
@@ -124,8 +159,8 @@ def test_an_integral_float_stock_is_accepted() -> None:
     result = plan([order(0, 1, 1)], {1: {"stock": 100.0}})
     assert verdicts(result) == [(Source("cmds", 0, 0), Outcome.APPLIED, 99)]
     change = result.changes[0]
-    assert (change.expected_stock, change.new_stock, change.marker["before"]) == (100.0, 99, 100)
-    assert type(change.new_stock) is int
+    assert (change.expected_stock, change.new_stock, change.marker["baseline"]) == (100.0, 99, 100)
+    assert type(change.new_stock) is int and type(change.marker["baseline"]) is int
 
 
 def test_duplicates_change_nothing_and_the_owner_is_applied() -> None:
@@ -139,7 +174,7 @@ def test_duplicates_change_nothing_and_the_owner_is_applied() -> None:
     ]
     assert "cmds[0]@0" in (result.decisions[1].reason or "")
     (change,) = result.changes
-    assert (change.new_stock, change.marker["first"], change.marker["last"]) == (9, 0, 2)
+    assert (change.new_stock, written_range(change)) == (9, (0, 2))
 
 
 def test_a_duplicate_of_an_earlier_batch_changes_nothing() -> None:
@@ -180,16 +215,9 @@ def test_replay_followed_by_new_entries_writes_only_the_new_ones() -> None:
         (Source("cmds", 0, 3), Outcome.APPLIED, 3),
         (Source("cmds", 0, 4), Outcome.INSUFFICIENT_STOCK, 3),
     ]
-    marker = {
-        "partition": 0,
-        "first": 0,  # first, before and the steps so far are kept: 0..2 is still uncommitted
-        "last": 4,
-        "before": 5,
-        "steps": {"0": 2, "1": 4, "2": 4, "3": 3, "4": 3},
-        "baseline": 5,
-        "since": 0,
-    }
-    assert again.changes == [ProductChange(1, None, 4, 2, 3, marker)]
+    # The steps so far are kept: 0..2 is still uncommitted.
+    steps = {"0": 2, "1": 4, "2": -5, "3": 3, "4": -4}
+    assert again.changes == [ProductChange(1, None, 4, ("v", 0), 3, single(1, 5, 4, steps))]
 
 
 def test_replay_after_two_crashes_with_a_growing_batch() -> None:
@@ -198,13 +226,9 @@ def test_replay_after_two_crashes_with_a_growing_batch() -> None:
     reference = plan(batch, {1: {"stock": 6}})  # 3, 0, insufficient at 0
     docs[1] = written({"stock": 6}, plan(batch[:1], docs).changes[0])  # crash 1: 0..0 written
     (second,) = plan(batch, docs).changes  # crash 2: 0..0 replayed, 1..2 written
-    assert (second.expected_stock, second.expected_last, second.new_stock) == (3, 0, 0)
-    assert {k: second.marker[k] for k in ("first", "last", "before", "steps")} == {
-        "first": 0,
-        "last": 2,
-        "before": 6,
-        "steps": {"0": 3, "1": 0, "2": 0},
-    }
+    assert (second.expected_stock, second.expected_version, second.new_stock) == (3, ("v", 0), 0)
+    assert second.marker["topics"][0]["steps"] == {"0": 3, "1": 0, "2": -1}
+    assert written_range(second) == (0, 2)
     docs[1] = written(docs[1] or {}, second)
     again = plan(batch, docs)  # replays 0..2 from stock 6, the stock before offset 0
     assert verdicts(again) == verdicts(reference)
@@ -228,20 +252,12 @@ def test_a_replay_from_inside_the_written_range_followed_by_new_entries() -> Non
     doc = written({"stock": 5}, plan(batch, {1: {"stock": 5}}).changes[0])  # 4, 3, 0
     result = plan([batch[2], restock(3, 1, 2), order(4, 1, 5)], {1: doc})
     assert verdicts(result) == [
-        (Source("cmds", 0, 2), Outcome.APPLIED, 0),  # from steps["1"] == 3, not from 5
+        (Source("cmds", 0, 2), Outcome.APPLIED, 0),  # read back from its step
         (Source("cmds", 0, 3), Outcome.APPLIED, 2),
         (Source("cmds", 0, 4), Outcome.INSUFFICIENT_STOCK, 2),
     ]
-    marker = {
-        "partition": 0,
-        "first": 0,
-        "last": 4,
-        "before": 5,
-        "steps": {"0": 4, "1": 3, "2": 0, "3": 2, "4": 2},
-        "baseline": 5,
-        "since": 0,
-    }
-    assert result.changes == [ProductChange(1, None, 0, 2, 2, marker)]
+    steps = {"0": 4, "1": 3, "2": 0, "3": 2, "4": -3}
+    assert result.changes == [ProductChange(1, None, 0, ("v", 0), 2, single(1, 5, 4, steps))]
 
 
 def test_a_replay_of_only_new_entries_that_apply_nothing_writes_nothing() -> None:
@@ -309,11 +325,11 @@ def test_a_crash_at_any_point_replays_to_the_same_decisions(
     for change in replayed.changes:
         doc = docs[change.product_id] or {}
         assert change.expected_stock == doc["stock"]
-        assert change.expected_last == (doc.get(MARKER) or {}).get("last")
-        # A product the crashed attempt wrote keeps that marker's first, before and steps, so
-        # the new marker is the one a single uncrashed attempt would have written.
+        assert change.expected_version == version_of(doc)
+        # A product the crashed attempt wrote keeps that marker's steps, so the new marker is
+        # the one a single uncrashed attempt would have written (one write later).
         assert change.new_stock == expected[change.product_id].new_stock
-        assert change.marker == expected[change.product_id].marker
+        assert {**change.marker, "v": 0} == expected[change.product_id].marker
     final = {p: (d or {})["stock"] for p, d in docs.items()}
     final.update({c.product_id: c.new_stock for c in replayed.changes})
     assert final == {**stocks, **{c.product_id: c.new_stock for c in reference.changes}}
@@ -343,7 +359,7 @@ def test_crashes_between_batches_of_any_size_give_the_decisions_of_one_clean_run
         for change in batch.changes:
             if commit or change.product_id != lost:
                 doc = docs[change.product_id] or {}
-                assert change.expected_last == (doc.get(MARKER) or {}).get("last")
+                assert change.expected_version == version_of(doc)
                 docs[change.product_id] = written(doc, change)
         if commit:
             emitted += verdicts(batch)
@@ -351,3 +367,224 @@ def test_crashes_between_batches_of_any_size_give_the_decisions_of_one_clean_run
     assert emitted == verdicts(reference)
     final = {p: (d or {})["stock"] for p, d in docs.items()}
     assert final == {**stocks, **{c.product_id: c.new_stock for c in reference.changes}}
+
+
+# --- markers that know their topic ---------------------------------------------------------
+
+
+def on(topic: str, tid: str | None, offset: int, command: Command) -> Entry:
+    """An entry at ``offset`` of partition 0 of commands topic ``topic`` (Kafka id ``tid``)."""
+    return Entry(Source(topic, 0, offset), Source(f"in-{topic}", 0, offset), command, tid)
+
+
+def orders_on(topic: str, tid: str | None, count: int, qty: int, start: int = 0) -> list[Entry]:
+    return [on(topic, tid, start + i, Order(f"{tid}-{start + i}", 1, qty)) for i in range(count)]
+
+
+def run_committed(entries: Sequence[Entry], doc: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The product after a batch that was written and committed."""
+    (change,) = plan(entries, {1: doc}).changes
+    return written(doc, change)
+
+
+@pytest.mark.parametrize("ids", [("id-a", "id-b"), (None, None)])
+def test_another_topics_commands_at_the_same_offsets_are_decided_from_stock(
+    ids: tuple[str | None, str | None],
+) -> None:
+    """Issue 10, case 1: B's offsets 0..2 once looked like a replay of A's 0..4."""
+    doc = run_committed(orders_on("a.cmds", ids[0], 5, 1), {"stock": 100})
+    result = plan(orders_on("b.cmds", ids[1], 3, 2), {1: doc})
+    assert [(d.outcome, d.stock_after) for d in result.decisions] == [
+        (Outcome.APPLIED, 98 - 5),
+        (Outcome.APPLIED, 96 - 5),
+        (Outcome.APPLIED, 94 - 5),
+    ]
+    (change,) = result.changes
+    assert (change.expected_version, change.new_stock) == (("v", 0), 89)
+    assert [(t["topic"], t["id"], t["last"], t["since"]) for t in change.marker["topics"]] == [
+        ("a.cmds", ids[0], 4, 0),
+        ("b.cmds", ids[1], 2, 0),
+    ]
+    assert change.marker["baseline"] == 100  # both topics' changes count from there
+
+
+def test_a_recreated_topic_of_the_same_name_is_another_topic() -> None:
+    doc = run_committed(orders_on("a.cmds", "id-a", 5, 1), {"stock": 100})
+    result = plan(orders_on("a.cmds", "id-a-again", 3, 2), {1: doc})
+    assert [d.stock_after for d in result.decisions] == [93, 91, 89]
+    (change,) = result.changes
+    # The deleted incarnation can never replay: it is forgotten, and the audit counts from
+    # the stock stored when the new one first wrote.
+    assert change.marker == {
+        "v": 1,
+        "baseline": 95,
+        "topics": [
+            {"topic": "a.cmds", "id": "id-a-again", "partition": 0, "last": 2, "since": 0,
+             "steps": {"0": 93, "1": 91, "2": 89}},
+        ],
+    }  # fmt: skip
+
+
+def test_an_old_format_marker_belongs_to_no_topic() -> None:
+    old = {"partition": 0, "first": 0, "last": 4, "before": 100, "baseline": 100, "since": 0,
+           "steps": {"0": 99, "1": 98, "2": 97, "3": 96, "4": 95}}  # fmt: skip
+    result = plan(orders_on("b.cmds", "id-b", 3, 2), {1: {"stock": 95, MARKER: old}})
+    assert [d.stock_after for d in result.decisions] == [93, 91, 89]
+    (change,) = result.changes
+    assert change.expected_version == ("last", 4)  # the compare-and-set checks the old marker
+    assert (change.marker["v"], change.marker["baseline"]) == (5, 95)  # the version grows
+
+
+def test_an_old_format_marker_is_converted_even_when_nothing_is_applied() -> None:
+    old = {"partition": 0, "first": 0, "last": 4, "before": 3, "steps": {"4": 1}}
+    result = plan([on("b.cmds", "id-b", 0, Order("x", 1, 2))], {1: {"stock": 1, MARKER: old}})
+    assert [d.outcome for d in result.decisions] == [Outcome.INSUFFICIENT_STOCK]
+    (change,) = result.changes
+    assert change.marker["topics"][0]["steps"] == {"0": -2}
+
+
+def test_a_replay_after_another_topic_wrote_is_read_from_its_steps() -> None:
+    """A writes and crashes before its commit, B writes the product, A's batch comes again:
+    the replay must neither apply A's commands again nor decide them from B's stock."""
+    a_batch = [
+        on("a", "A", 10, Order("a1", 1, 4)),
+        on("a", "A", 11, Order("a2", 1, 9)),  # refused at 6
+        on("a", "A", 12, Restock("a3", 1, 2)),
+    ]
+    first = plan(a_batch, {1: {"stock": 10}})
+    doc = written({"stock": 10}, first.changes[0])  # 8, not committed
+    doc = run_committed([on("b", "B", 0, Order("b1", 1, 7))], doc)  # 1
+    again = plan([*a_batch, on("a", "A", 13, Order("a4", 1, 1))], {1: doc})
+    assert verdicts(again)[:3] == verdicts(first)
+    assert verdicts(again)[3] == (Source("a", 0, 13), Outcome.APPLIED, 0)  # from the stored 1
+    (change,) = again.changes
+    assert (change.expected_stock, change.new_stock) == (1, 0)
+    writer = change.marker["topics"][-1]
+    assert writer["steps"] == {"10": 6, "11": -7, "12": 8, "13": 0}
+    # And a replay starting inside the written range reads every decision back as well.
+    shorter = plan(a_batch[1:], {1: written(doc, change)})
+    assert verdicts(shorter) == verdicts(first)[1:] and shorter.changes == []
+
+
+def test_rewound_offsets_before_the_written_range_change_nothing() -> None:
+    """Commands committed before the entry's steps began, read again (offsets rewound): they
+    were applied then; they are told again without touching stock."""
+    doc = run_committed(orders_on("a", "A", 3, 1), {"stock": 10})  # 0..2 committed: 7
+    doc = run_committed(orders_on("a", "A", 2, 1, start=3), doc)  # steps now 3..4: 5
+    again = plan(orders_on("a", "A", 5, 1), {1: doc})
+    assert [d.stock_after for d in again.decisions] == [4, 3, 2, 6, 5]  # 0..2: no effect
+    assert again.changes == []
+
+
+def test_more_topics_than_a_marker_keeps_forget_the_least_recently_written() -> None:
+    doc: Mapping[str, Any] = {"stock": 1000}
+    for n in range(MAX_TOPICS + 2):
+        doc = run_committed([on(f"t{n}", f"id{n}", 5 + n, Order(f"o{n}", 1, 1))], doc)
+    doc = run_committed([on("t3", "id3", 100, Order("again", 1, 1))], doc)
+    marker = doc[MARKER]
+    assert len(marker["topics"]) == MAX_TOPICS
+    assert [t["topic"] for t in marker["topics"]] == [
+        *[f"t{n}" for n in range(2, MAX_TOPICS + 2) if n != 3],
+        "t3",
+    ]
+    assert marker["v"] == MAX_TOPICS + 2  # one write each
+    # Forgetting t0 and t1 rebased the audit on t9's write: it counts from stock 991.
+    assert marker["baseline"] == 991
+    since = {t["topic"]: t["since"] for t in marker["topics"]}
+    assert since["t9"] == 14 and since["t3"] == 9 and since["t8"] == 14
+
+
+# A model of pipelines on one database: commands topics, crashes, records and the audit.
+
+Script = list[tuple[bool, int, int]]  # (is order, product, quantity)
+pipeline_scripts = st.lists(
+    st.tuples(st.booleans(), st.integers(1, 2), st.integers(1, 9)), min_size=1, max_size=25
+)
+TOPICS = [("a", "A"), ("b", "B"), ("a", "A2")]  # the third: topic a deleted and recreated
+Attempt2 = tuple[int, int, bool, int, bool]  # topic, batch size, committed, write lost, recorded
+schedules = st.lists(
+    st.tuples(
+        st.integers(0, 2), st.integers(1, 6), st.booleans(), st.integers(0, 2), st.booleans()
+    ),
+    max_size=30,
+)
+
+
+@hsettings(max_examples=300)
+@given(
+    st.lists(pipeline_scripts, min_size=3, max_size=3),
+    st.fixed_dictionaries({1: st.integers(0, 20), 2: st.integers(0, 20)}),
+    schedules,
+)
+@example(  # refused without a write and recorded; b restocks; the replay applies it
+    scripts=[[(False, 2, 1)], [(False, 2, 1)], [(True, 2, 2)]],
+    stocks={1: 0, 2: 0},
+    schedule=[(0, 1, False, 0, False), (2, 1, False, 0, True)],
+)
+def test_pipelines_sharing_products_with_crashes_apply_every_command_once(
+    scripts: list[Script], stocks: dict[int, int], schedule: list[Attempt2]
+) -> None:
+    """Batches of three commands topics (the third a recreated incarnation of the first)
+    interleave on the same products, each attempt possibly crashing after some writes, or after
+    recording its outcomes, before its commit. Whatever the order: every command is decided
+    once, stock moves by exactly the published outcomes, the records agree with them, and the
+    audit's books balance."""
+    make = {True: Order, False: Restock}
+    topics = [
+        [
+            on(name, tid, i, make[is_order](f"{tid}-{i}", product, qty))
+            for i, (is_order, product, qty) in enumerate(script)
+        ]
+        for (name, tid), script in zip(TOPICS, scripts, strict=True)
+    ]
+    docs: dict[int, Mapping[str, Any] | None] = {p: {"stock": s} for p, s in stocks.items()}
+    committed = [0, 0, 0]
+    # By topic id and position (a recreated topic repeats positions).
+    published: dict[tuple[str | None, Source], Decision] = {}
+    records: dict[tuple[str | None, Source], Decision] = {}  # a replay's record replaces
+
+    def attempt(t: int, size: int, commit: bool, lost: int, recorded: bool) -> None:
+        if t == 2 and committed[0] < len(topics[0]):
+            attempt(0, len(topics[0]), True, 0, True)  # a is done before it is deleted
+        batch = topics[t][committed[t] : committed[t] + size]
+        if not batch:
+            return
+        result = plan(batch, docs)
+        for change in result.changes:
+            doc = docs[change.product_id] or {}
+            assert (doc["stock"], version_of(doc)) == (
+                change.expected_stock,
+                change.expected_version,
+            )
+            if commit or change.product_id != lost:
+                docs[change.product_id] = written(doc, change)
+        lost_any = not commit and lost in {c.product_id for c in result.changes}
+        if commit or (recorded and not lost_any):
+            records.update(((d.entry.topic_id, d.entry.position), d) for d in result.decisions)
+        if commit:
+            published.update(((d.entry.topic_id, d.entry.position), d) for d in result.decisions)
+            committed[t] += len(batch)
+
+    for step in [*schedule, *((t, 99, True, 0, True) for t in range(3))]:
+        attempt(*step)
+
+    assert len(published) == sum(len(t) for t in topics)
+    for pid, stock in stocks.items():
+        applied = [
+            d.entry.command.delta
+            for d in published.values()
+            if d.outcome is Outcome.APPLIED and d.entry.command.product_id == pid
+        ]
+        doc = docs[pid] or {}
+        assert doc["stock"] == stock + sum(applied) >= 0
+        changes = [
+            Change(d.entry.position, d.entry.topic_id, d.entry.command.delta)
+            for d in records.values()
+            if d.outcome is Outcome.APPLIED and d.entry.command.product_id == pid
+        ]
+        if MARKER in doc:
+            assert doc[MARKER]["baseline"] + _counted(doc[MARKER], changes) == doc["stock"]
+    assert all((d.stock_after or 0) >= 0 for d in published.values())
+    assert {p: (d.outcome, d.stock_after) for p, d in records.items()} == {
+        p: (d.outcome, d.stock_after) for p, d in published.items()
+    }

@@ -230,6 +230,16 @@ class FerretDBService(Service):
             argv.append(f"--postgresql-url={self.postgresql_url()}")
         return argv
 
+    def env(self) -> dict[str, str]:
+        if self.settings.ferretdb_backend != "postgresql":
+            return {}
+        from stockflow.stack.postgres import read_password
+
+        # FerretDB's PostgreSQL driver (pgx) reads the password from PGPASSWORD: so it is on no
+        # command line (which every user of the machine can read) and in no log line.
+        password = read_password(self.settings.state_dir / "postgres" / "password")
+        return {"PGPASSWORD": password} if password else {}
+
     def postgresql_url(self) -> str:
         # FerretDB v1 holds one pooled connection per statement of a write command until the
         # command ends, and deadlocks when the pool runs dry; its default pool is 50. PostgreSQL
