@@ -21,7 +21,8 @@ from stockflow.orders import Command
 
 log = logging.getLogger(__name__)
 
-Headers = dict[str, str | bytes | None]
+Headers = dict[str, str | bytes | None] | list[tuple[str, str | bytes | None]]
+"""As librdkafka takes them: a list keeps repeated names (a replayed original's, say)."""
 
 
 @dataclass
