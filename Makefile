@@ -63,4 +63,6 @@ status: $(STAMP) ## Show the local stack
 	$(BIN)/stockflow stack status
 
 clean: down ## Stop the stack and delete its state (data, logs); the download cache stays
+	@loc=$$(cat .stack/postgres/data-location 2>/dev/null); \
+	case "$$loc" in */stockflow-postgres-*) rm -rf "$$loc";; esac
 	rm -rf .stack

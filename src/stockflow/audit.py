@@ -7,7 +7,9 @@
    negative.
 2. Every message of the input topic must have exactly one outcome: the record of the id it
    claimed, a place in a claim's duplicates, or a dead letter; no claim may be left without
-   its record (pending).
+   its record (pending). A dead letter that was replayed (``stockflow dlq replay`` marks the
+   copy with ``stockflow.replayed-from``) is not a final outcome: the replay's outcome is, so
+   the outcome counts hold each logical message once.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stockflow.config import Settings
-from stockflow.dlq import read_dead_letters, read_topic_to_end
+from stockflow.deadletters import header_map
+from stockflow.dlq import H_REPLAYED_FROM, read_dead_letters, read_topic_to_end
 from stockflow.ledger import claims_name
 from stockflow.outcomes import Outcome, Source
 from stockflow.pipeline import Pipeline
@@ -37,6 +40,8 @@ class AuditReport:
     without_outcome: list[str] = field(default_factory=list)
     several_outcomes: list[str] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
+    replayed: int = 0
+    """Dead letters replayed into the input topic (counted by their replay's outcome)."""
 
     @property
     def discrepancies(self) -> int:
@@ -51,6 +56,9 @@ class AuditReport:
     @property
     def ok(self) -> bool:
         return self.discrepancies == 0
+
+
+Doc = dict[str, Any]
 
 
 def _src(value: Any) -> Source | None:
@@ -71,6 +79,8 @@ def run_audit(settings: Settings, pipeline: Pipeline, *, messages: bool = True) 
             recorded.add(record["_id"])
             ident = f"{kind} {record['_id']!r}"
             status = record.get("status")
+            if status == Outcome.DEAD_LETTERED.value:
+                continue  # written by earlier versions: the dead letter itself is the outcome
             report.outcomes[str(status)] += 1
             source = _src(record.get("source"))
             if source is not None:
@@ -86,24 +96,33 @@ def run_audit(settings: Settings, pipeline: Pipeline, *, messages: bool = True) 
                         sign * int(record["quantity"]),
                     )
                 )
+        noted: dict[Any, set[str]] = {}  # live claims' duplicates, by id
+        released: list[Doc] = []
         for claim in database[claims_name(name)].find({}):
+            if claim.get("released"):
+                released.append(claim)
+                continue
             ident = f"{kind} {claim['_id']!r}"
+            noted[claim["_id"]] = set(claim.get("duplicates") or [])
             if claim["_id"] not in recorded:
                 report.pending.append(ident)
                 source = _src(claim.get("source"))
                 if source is not None:
                     seen[source].append(f"{ident}: pending")
-            for dup in claim.get("duplicates", []) or []:
-                dup_source = Source.parse(str(dup))
-                if dup_source is not None:
-                    seen[dup_source].append(f"{ident}: duplicate")
-                    report.outcomes[Outcome.DUPLICATE.value] += 1
+            _count_duplicates(ident, claim.get("duplicates") or [], seen, report)
+        for claim in released:
+            # A copy noted on a released claim and again on the id's live claim (its batch was
+            # redone after the release, and the id claimed afresh) is one duplicate.
+            again = noted.get(claim.get("claimOf"), set())
+            dups = [dup for dup in claim.get("duplicates") or [] if dup not in again]
+            _count_duplicates(f"{kind} {claim['_id']!r}", dups, seen, report)
     _check_products(pipeline, deltas, report)
     if messages:
-        for letter in read_dead_letters(settings):
-            report.outcomes[Outcome.DEAD_LETTERED.value] += 1
+        letters = read_dead_letters(settings)
+        for letter in letters:
             if letter.source is not None:
                 seen[letter.source].append(f"dead letter {letter.ref}: {letter.reason}")
+        replays: set[str] = set()
         for msg in read_topic_to_end(settings, settings.topic):
             report.messages_checked += 1
             source = Source(settings.topic, msg.partition(), msg.offset())  # type: ignore[attr-defined]
@@ -112,7 +131,27 @@ def run_audit(settings: Settings, pipeline: Pipeline, *, messages: bool = True) 
                 report.without_outcome.append(str(source))
             elif len(found) > 1:
                 report.several_outcomes.append(f"{source}: {'; '.join(found)}")
+            marker = header_map(msg.headers()).get(H_REPLAYED_FROM)  # type: ignore[attr-defined]
+            if marker is not None:
+                topic, _, ref = marker.rpartition("/")
+                if topic == settings.dlq_topic:
+                    replays.add(ref)
+        for letter in letters:
+            if letter.ref in replays:
+                report.replayed += 1
+            else:
+                report.outcomes[Outcome.DEAD_LETTERED.value] += 1
     return report
+
+
+def _count_duplicates(
+    ident: str, duplicates: list[Any], seen: dict[Source, list[str]], report: AuditReport
+) -> None:
+    for dup in duplicates:
+        dup_source = Source.parse(str(dup))
+        if dup_source is not None:
+            seen[dup_source].append(f"{ident}: duplicate")
+            report.outcomes[Outcome.DUPLICATE.value] += 1
 
 
 @dataclass(frozen=True, slots=True)

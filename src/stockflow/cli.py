@@ -369,7 +369,9 @@ def produce(
                 producer.send_raw(line.encode())
                 continue
             try:
-                order = decode_order(line.encode())
+                # The limits the worker applies, so what is sent is what the worker accepts.
+                limits = {"max_bytes": s.max_message_bytes, "max_quantity": s.max_quantity}
+                order = decode_order(line.encode(), **limits)
             except InvalidOrderError as exc:
                 invalid += 1
                 err.print(f"[red]order {number} not sent:[/red] {exc.reason}")

@@ -23,6 +23,7 @@ from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError
 
+from stockflow.errors import ConcurrentWriteError
 from stockflow.outcomes import Outcome, OutcomeEvent, Source
 from stockflow.planner import Decision, Entry, owner_key
 
@@ -37,6 +38,8 @@ SQLite) runs dry across all concurrent commands: keep update commands small."""
 INSERT_CHUNK = 500
 """Documents per insert command (FerretDB inserts a batch in one statement)."""
 DUPLICATE_KEY = 11000
+CLAIM_ROUNDS = 3
+"""Attempts at claiming an id whose claim vanishes in between (released by another applier)."""
 
 
 def _src(source: Source) -> str:
@@ -102,6 +105,7 @@ class Ledger:
         *,
         pool: ThreadPoolExecutor | None = None,
     ) -> None:
+        self.database = database
         self.records: dict[str, Collection[Doc]] = {
             "order": database[orders],
             "restock": database[restocks],
@@ -117,7 +121,8 @@ class Ledger:
 
         New ids are claimed by their entry; for ids already claimed the existing owner is
         returned, which makes a later copy a duplicate (or, after a crash, recognises the
-        batch's own earlier claim).
+        batch's own earlier claim). An id whose claim vanished between the two steps (its
+        owner was dead-lettered and released it) is claimed again.
         """
         owners: dict[tuple[str, int | str], Source] = {}
         for kind, collection in self.claims.items():
@@ -125,9 +130,6 @@ class Ledger:
             for entry in entries:
                 if entry.command.kind == kind:
                     first.setdefault(entry.command.id, entry)
-            if not first:
-                continue
-            taken = insert_all(collection, [self._claim(e) for e in first.values()], self.pool)
             for ident, entry in first.items():
                 owners[(kind, ident)] = entry.position
 
@@ -135,14 +137,40 @@ class Ledger:
             def owner_of(ident: Any, c: Collection[Doc] = collection) -> Doc | None:
                 return c.find_one({"_id": ident}, {"position": 1})
 
-            found = side_by_side(self.pool, owner_of, taken)
-            for doc in found:
-                if doc is None:
-                    continue
-                position = _from_src(doc.get("position"))
-                if position is not None:
-                    owners[(kind, doc["_id"])] = position
+            todo = list(first.values())
+            for _ in range(CLAIM_ROUNDS):
+                if not todo:
+                    break
+                taken = list(insert_all(collection, [self._claim(e) for e in todo], self.pool))
+                found = side_by_side(self.pool, owner_of, taken)
+                todo = [first[ident] for ident, doc in zip(taken, found, strict=True) if not doc]
+                for doc in found:
+                    position = _from_src(doc.get("position")) if doc else None
+                    if doc and position is not None:
+                        owners[(kind, doc["_id"])] = position
+            if todo:
+                raise ConcurrentWriteError(f"claims of {len(todo)} id(s) kept vanishing")
         return owners
+
+    def release(self, entries: Sequence[Entry]) -> None:
+        """Free the ids these entries own (they were dead-lettered), so that a replay of one
+        is decided afresh; the claim, with any duplicates noted on it, is kept under another
+        ``_id`` (``<id>@released@<position>``, marked ``released``) for the audit and history.
+        """
+        for entry in entries:
+            kind, ident = entry.command.kind, entry.command.id
+            mine = {"_id": ident, "position": _src(entry.position)}
+            claim = self.claims[kind].find_one(mine)
+            if claim is None:
+                continue  # released already (a redone batch), or owned by another entry
+            kept = {
+                **claim,
+                "_id": f"{ident}@released@{entry.position}",
+                "claimOf": ident,
+                "released": True,
+            }
+            insert_all(self.claims[kind], [kept])
+            self.claims[kind].delete_one(mine)
 
     @staticmethod
     def _claim(entry: Entry) -> Doc:
@@ -174,10 +202,18 @@ class Ledger:
         }
 
     def finish(self, decisions: Sequence[Decision], at: float) -> None:
-        """Record each owner's outcome, and note duplicates on the original's claim."""
+        """Record each owner's outcome, and note duplicates on the original's claim.
+
+        A dead-lettered owner gets no record: its dead letter is its outcome, and its claim is
+        released (after the duplicates are noted on it) so that its replay is not a duplicate.
+        """
         for kind in self.records:
             mine = [d for d in decisions if d.entry.command.kind == kind]
-            owned = [self._record(d, at) for d in mine if d.outcome is not Outcome.DUPLICATE]
+            owned = [
+                self._record(d, at)
+                for d in mine
+                if d.outcome not in (Outcome.DUPLICATE, Outcome.DEAD_LETTERED)
+            ]
             # Already there after a crash between this and the Kafka commit: the crashed
             # attempt's record, which this attempt's replaces (only on replays). They differ
             # when a command was decided without a write and another pipeline changed the
@@ -201,6 +237,7 @@ class Ledger:
             ]
             for chunk in chunks(notes):
                 self.claims[kind].bulk_write(list(chunk), ordered=False)
+        self.release([d.entry for d in decisions if d.outcome is Outcome.DEAD_LETTERED])
 
     def archive(self, kind: str, ids: Sequence[int | str], *, product_id: int) -> int:
         """Free these ids of ``product_id`` for reuse, keeping their records under a new id.
@@ -247,7 +284,8 @@ def to_event(decision: Decision, at: float) -> OutcomeEvent:
     command = decision.entry.command
     return OutcomeEvent(
         kind=command.kind,
-        id=command.id,
+        order_id=command.id if command.kind == "order" else None,
+        restock_id=command.id if command.kind == "restock" else None,
         product_id=command.product_id,
         quantity=command.quantity,
         status=decision.outcome,

@@ -24,7 +24,8 @@ from stockflow.partitioning import ByProduct, Partitioner
 
 log = logging.getLogger(__name__)
 
-Headers = dict[str, str | bytes | None]
+Headers = dict[str, str | bytes | None] | list[tuple[str, str | bytes | None]]
+"""As librdkafka takes them: a list keeps repeated names (a replayed original's, say)."""
 
 
 @dataclass

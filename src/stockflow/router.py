@@ -4,8 +4,9 @@ Input producers may put one product's orders on any partition (no key, round rob
 partitioner). The router re-publishes each valid order or restock to the commands topic keyed
 by its product, so every stock change of a product reaches one partition and so exactly one
 applier: the single writer per product that stockflow's correctness rests on. Invalid messages
-go to the dead-letter topic with their original bytes and headers plus the reason. Outputs and
-input offsets are committed in one transaction (``consumer``), so nothing is routed twice.
+go to the dead-letter topic with their original bytes and headers plus the reason (cut to fit,
+the whole original kept in MongoDB: ``deadletters``). Outputs and input offsets are committed
+in one transaction (``consumer``), so nothing is routed twice.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from confluent_kafka import Message
 
 from stockflow.config import Settings
 from stockflow.consumer import Handled, Output
+from stockflow.deadletters import DeadLetterStore, FittedLetter, build, size_limit
 from stockflow.errors import InvalidOrderError
 from stockflow.orders import Command, decode_command
-from stockflow.outcomes import Source, dead_letter_headers, source_of
+from stockflow.outcomes import Source, source_of
 from stockflow.retry import CircuitBreaker
 
 log = logging.getLogger(__name__)
@@ -61,12 +63,15 @@ class Router:
 
     name = "router"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, store: DeadLetterStore) -> None:
         self.settings = settings
+        self.store = store
+        self.limit = size_limit(settings)
         self.breaker = CircuitBreaker("router")
 
     def handle(self, messages: Sequence[Message]) -> Handled:
         outputs: list[Output] = []
+        letters: list[FittedLetter] = []
         counts: Counter[str] = Counter()
         for message in messages:
             source = source_of(message)
@@ -74,7 +79,8 @@ class Router:
                 command = decode_message(self.settings, message)
             except InvalidOrderError as exc:
                 log.warning("Dead-lettered %s: %s", source, exc.reason)
-                outputs.append(self.dead_letter(message, exc.reason, 1))
+                letters.append(self._letter(message, exc.reason, 1))
+                outputs.append(self._output(letters[-1]))
                 counts["dead_lettered"] += 1
                 continue
             _, created = message.timestamp()
@@ -87,14 +93,32 @@ class Router:
                 )
             )
             counts["routed"] += 1
+        self.store.keep(letters)  # the originals are durable before the dead letters commit
         return Handled(outputs, counts=counts)
 
     def dead_letter(self, message: Message, reason: str, attempts: int) -> Output:
+        """The dead letter of ``message`` (its original kept in MongoDB first)."""
+        letter = self._letter(message, reason, attempts)
+        self.store.keep([letter])
+        return self._output(letter)
+
+    def _letter(self, message: Message, reason: str, attempts: int) -> FittedLetter:
+        return build(
+            value=message.value(),
+            key=message.key(),
+            original_headers=message.headers(),
+            reason=reason,
+            source=source_of(message),
+            attempts=attempts,
+            stage=self.name,
+            limit=self.limit,
+        )
+
+    def _output(self, letter: FittedLetter) -> Output:
         return Output(
             self.settings.dlq_topic,
-            message.value(),
-            key=message.key(),
-            headers=dead_letter_headers(
-                reason, source_of(message), attempts=attempts, original=message.headers()
-            ),
+            letter.value,
+            key=letter.key,
+            headers=letter.headers,
+            source=letter.source,
         )

@@ -26,7 +26,8 @@ from stockflow.audit import AuditReport, run_audit
 from stockflow.config import Settings
 from stockflow.errors import StockflowError
 from stockflow.orders import Order, Restock
-from stockflow.pipeline import open_pipeline
+from stockflow.outcomes import Outcome
+from stockflow.pipeline import Pipeline, open_pipeline
 from stockflow.producer import OrderProducer
 from stockflow.topics import create_topic, delete_topics, group_lag
 
@@ -69,6 +70,9 @@ class ChaosResult:
     negative: int = 0
     stale_cache: int = 0
     """Products whose read through the cache disagrees with MongoDB after the run."""
+    ledger_mismatches: list[str] = field(default_factory=list)
+    """Products whose stock is not seed + applied restocks - applied orders, summed over every
+    recorded outcome (whichever pipeline recorded it): a check that needs no marker."""
 
     def line(self) -> str:
         r = self.report
@@ -77,9 +81,12 @@ class ChaosResult:
             f"{self.name}: {self.orders} orders, {self.restocks} restocks, {self.malformed} "
             f"malformed; faults: {', '.join(self.faults) or 'none'}; outcomes "
             f"{dict(sorted(r.outcomes.items()))}; messages checked {r.messages_checked}; "
-            f"discrepancies {r.discrepancies}; stale cache entries {self.stale_cache}; "
-            f"{self.seconds:.0f}s"
+            f"discrepancies {r.discrepancies}; ledger mismatches {len(self.ledger_mismatches)}; "
+            f"stale cache entries {self.stale_cache}; {self.seconds:.0f}s"
         )
+
+
+SEED_STOCK = 50
 
 
 def chaos_settings(base: Settings, *, partitions: int = 3) -> Settings:
@@ -112,6 +119,7 @@ class Workers:
     def __init__(self, s: Settings, count: int, log_dir: Path) -> None:
         self.settings = s
         self.log_dir = log_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: list[BinaryIO] = []
         for _ in range(count):
@@ -163,6 +171,7 @@ def produce_stream(
     s: Settings,
     *,
     orders: int,
+    id_prefix: str = "",
     products: int,
     restock_every: int,
     malformed_every: int,
@@ -177,9 +186,9 @@ def produce_stream(
     with OrderProducer(s, **config) as producer:
         for i in range(orders):
             pid = rng.randint(1, products)
-            producer.send_raw(Order(f"o{i}", pid, rng.randint(1, 3)).encode())
+            producer.send_raw(Order(f"{id_prefix}o{i}", pid, rng.randint(1, 3)).encode())
             if restock_every and i % restock_every == 0:
-                producer.send_raw(Restock(f"r{i}", pid, rng.randint(5, 20)).encode())
+                producer.send_raw(Restock(f"{id_prefix}r{i}", pid, rng.randint(5, 20)).encode())
                 restocks += 1
             if malformed_every and i % malformed_every == 0:
                 producer.send_raw(bad_message(rng))
@@ -211,7 +220,7 @@ def run_chaos(
     s = chaos_settings(base)
     started = time.monotonic()
     with open_pipeline(s) as pipeline:
-        pipeline.inventory.seed({pid: 50 for pid in range(1, products + 1)})
+        pipeline.inventory.seed({pid: SEED_STOCK for pid in range(1, products + 1)})
     pool = Workers(s, workers, log_dir)
     result = ChaosResult(name, 0, 0, 0)
     try:
@@ -235,28 +244,13 @@ def run_chaos(
         producing.join()
         result.orders, result.restocks, result.malformed = producer_result[0]
         total = sum(producer_result[0])
-        deadline = time.monotonic() + timeout
-        with open_pipeline(s) as pipeline:
-            while deadline > time.monotonic():
-                if pool.revive():
-                    result.faults.append("a worker exited and was restarted")
-                # Cheap first: has the router committed the whole input topic?
-                try:
-                    behind = sum(group_lag(s, s.router_group_id, s.topic).values())
-                except StockflowError:  # the broker is still coming back
-                    behind = 1
-                if behind:
-                    time.sleep(1)
-                    continue
-                report = run_audit(s, pipeline, messages=False)
-                decided = sum(v for k, v in report.outcomes.items() if k != "pending")
-                if decided + _dead_letters(s) >= total and not report.pending:
-                    break
-                time.sleep(3)
+        if _wait_for_outcomes((s,), [pool], total, time.monotonic() + timeout):
+            result.faults.append("a worker exited and was restarted")
         pool.stop()
         with open_pipeline(s) as pipeline:
             result.report = run_audit(s, pipeline)
             result.negative = pipeline.inventory.products.count_documents({"stock": {"$lt": 0}})
+            result.ledger_mismatches = ledger_mismatches(s, pipeline, SEED_STOCK)
             for product in pipeline.inventory.products.find({}):
                 seen = pipeline.reader.lookup(int(product["product_id"]))
                 if seen is None or seen["stock"] != product["stock"]:
@@ -267,6 +261,146 @@ def run_chaos(
     result.seconds = time.monotonic() - started
     (log_dir / f"{name}.json").write_text(json.dumps({"line": result.line()}))
     return result
+
+
+def _wait_for_outcomes(
+    pipelines: tuple[Settings, ...], pools: list[Workers], total: int, deadline: float
+) -> bool:
+    """Wait until every router has committed its whole input topic and ``total`` messages have
+    an outcome (the pipelines share one database). Revives workers that exited; True if any."""
+    revived = False
+    with open_pipeline(pipelines[0]) as pipeline:
+        while deadline > time.monotonic():
+            if any(pool.revive() for pool in pools):
+                revived = True
+            try:
+                behind = sum(
+                    sum(group_lag(s, s.router_group_id, s.topic).values()) for s in pipelines
+                )
+            except StockflowError:  # the broker is still coming back
+                behind = 1
+            if behind:
+                time.sleep(1)
+                continue
+            report = run_audit(pipelines[0], pipeline, messages=False)
+            decided = sum(v for k, v in report.outcomes.items() if k != "pending")
+            letters = sum(_dead_letters(s) for s in pipelines)
+            if decided + letters >= total and not report.pending:
+                break
+            time.sleep(3)
+    return revived
+
+
+def ledger_mismatches(s: Settings, pipeline: Pipeline, seed_stock: int) -> list[str]:
+    """Products whose stock differs from ``seed_stock`` + applied restocks - applied orders."""
+    database = pipeline.mongo[s.database]
+    change: dict[int, int] = {}
+    for name, sign in ((s.orders_collection, -1), (s.restocks_collection, 1)):
+        for record in database[name].find({"status": "applied"}):
+            pid = int(record["productId"])
+            change[pid] = change.get(pid, 0) + sign * int(record["quantity"])
+    found = []
+    for product in pipeline.inventory.products.find({}):
+        pid = int(product["product_id"])
+        expected = seed_stock + change.get(pid, 0)
+        if product.get("stock") != expected:
+            found.append(f"product {pid}: stock {product.get('stock')}, expected {expected}")
+    return found
+
+
+def run_two_pipelines(
+    base: Settings,
+    name: str,
+    *,
+    orders: int,
+    products: int,
+    faults: Callable[[list[Workers], random.Random, list[str]], None] | None = None,
+    rate: float,
+    log_dir: Path,
+    timeout: float = 600,
+    seed: int = 11,
+) -> ChaosResult:
+    """Two pipelines (own input topics, groups and workers) on one database, writing the same
+    products at the same time; the audit judges each topic's messages, and the stock of every
+    product must match the outcomes recorded by both."""
+    rng = random.Random(seed)
+    first = chaos_settings(base)
+    second = chaos_settings(base).model_copy(
+        update={"database": first.database, "cache_key_prefix": first.cache_key_prefix}
+    )
+    pipelines = (first, second)
+    started = time.monotonic()
+    with open_pipeline(first) as pipeline:
+        pipeline.inventory.seed({pid: SEED_STOCK for pid in range(1, products + 1)})
+    pools = [Workers(s, 1, log_dir / f"pipeline-{i}") for i, s in enumerate(pipelines)]
+    result = ChaosResult(name, 0, 0, 0)
+    try:
+        produced: dict[int, tuple[int, int, int]] = {}
+
+        def produce(i: int, s: Settings) -> None:
+            produced[i] = produce_stream(
+                s,
+                orders=orders,
+                id_prefix=f"p{i}-",
+                products=products,
+                restock_every=10,
+                malformed_every=97,
+                rng=random.Random(seed + 1 + i),
+                rate=rate,
+            )
+
+        threads = [threading.Thread(target=produce, args=(i, s)) for i, s in enumerate(pipelines)]
+        for thread in threads:
+            thread.start()
+        if faults is not None:
+            faults(pools, rng, result.faults)
+        for thread in threads:
+            thread.join()
+        result.orders = sum(p[0] for p in produced.values())
+        result.restocks = sum(p[1] for p in produced.values())
+        result.malformed = sum(p[2] for p in produced.values())
+        total = sum(sum(p) for p in produced.values())
+        if _wait_for_outcomes(pipelines, pools, total, time.monotonic() + timeout):
+            result.faults.append("a worker exited and was restarted")
+        for pool in pools:
+            pool.stop()
+        with open_pipeline(first) as pipeline:
+            reports = [run_audit(s, pipeline) for s in pipelines]
+            result.report = _merged(reports)
+            result.negative = pipeline.inventory.products.count_documents({"stock": {"$lt": 0}})
+            result.ledger_mismatches = ledger_mismatches(first, pipeline, SEED_STOCK)
+            for product in pipeline.inventory.products.find({}):
+                seen = pipeline.reader.lookup(int(product["product_id"]))
+                if seen is None or seen["stock"] != product["stock"]:
+                    result.stale_cache += 1
+    finally:
+        for pool in pools:
+            pool.stop()
+        _tidy(second)
+        _tidy(first)
+    result.seconds = time.monotonic() - started
+    (log_dir / f"{name}.json").write_text(json.dumps({"line": result.line()}))
+    return result
+
+
+def _merged(reports: list[AuditReport]) -> AuditReport:
+    """One verdict for pipelines sharing a database: the records and products are shared (count
+    them once), each topic's messages and dead letters are its own (add them up)."""
+    first, rest = reports[0], reports[1:]
+    merged = AuditReport(
+        products_checked=first.products_checked,
+        outcomes=first.outcomes.copy(),
+        stock_mismatches=sorted({m for r in reports for m in r.stock_mismatches}),
+        negative_stock=first.negative_stock,
+        pending=first.pending,
+    )
+    for report in reports:
+        merged.messages_checked += report.messages_checked
+        merged.without_outcome += report.without_outcome
+        merged.several_outcomes += report.several_outcomes
+    for report in rest:
+        merged.outcomes[Outcome.DEAD_LETTERED.value] += report.outcomes[Outcome.DEAD_LETTERED.value]
+    return merged
 
 
 def _tidy(s: Settings) -> None:

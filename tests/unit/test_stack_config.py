@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import json
+import stat
 import subprocess
 import sys
 import time
@@ -12,8 +14,11 @@ from pathlib import Path
 import pytest
 
 from stockflow.config import Settings
-from stockflow.stack import Stack, process
+from stockflow.stack import Stack, process, take_back_own
+from stockflow.stack.ferretdb import FerretDBService
 from stockflow.stack.kafka import KafkaService, kraft_cluster_id
+from stockflow.stack.postgres import HBA_CONF, PostgresService, ensure_password, read_password
+from stockflow.stack.redis import RedisService
 
 
 def test_cluster_id_has_kafkas_format() -> None:
@@ -84,6 +89,54 @@ def test_pidfile_of_a_recycled_pid_is_not_trusted(tmp_path: Path) -> None:
         other.wait()
 
 
+def _started(argv: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
+    """A child that has exec'd (before that, its command line is empty)."""
+    proc = subprocess.Popen(argv, **kwargs)  # type: ignore[call-overload]
+    cmdline = Path(f"/proc/{proc.pid}/cmdline")
+    deadline = time.monotonic() + 10
+    while not cmdline.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return proc
+
+
+def test_a_recycled_pid_running_the_same_program_is_not_signalled(tmp_path: Path) -> None:
+    """A pid file names a pid that now belongs to another process of the same program (the
+    recorded one ended, the pid was reused): ``stack down`` must leave it alone."""
+    other = _started(["sleep", "30"], start_new_session=True)
+    try:
+        ticks = process.proc_start_ticks(other.pid)
+        assert ticks is not None
+        service = RedisService(Settings(state_dir=tmp_path))
+        service.pidfile.parent.mkdir(parents=True)
+        service.pidfile.write_text(
+            f'{{"pid": {other.pid}, "argv0": "/usr/bin/sleep", "started_at": 0, '
+            f'"start_ticks": {ticks - 1}}}'
+        )
+        assert process.read_pidfile(service.pidfile) is None
+        assert service.stop() == "not running"
+        assert other.poll() is None, "stack down signalled a process it did not start"
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_pidfile_records_the_start_time_and_an_older_pidfile_still_works(tmp_path: Path) -> None:
+    pidfile = tmp_path / "p.pid"
+    record = process.spawn(
+        ["sleep", "30"], pidfile=pidfile, logfile=tmp_path / "p.log", cwd=tmp_path
+    )
+    try:
+        data = json.loads(pidfile.read_text())
+        assert data["start_ticks"] == process.proc_start_ticks(record.pid)
+        # A pid file written before start times were recorded: trusted on the program name.
+        del data["start_ticks"]
+        pidfile.write_text(json.dumps(data))
+        found = process.read_pidfile(pidfile)
+        assert found is not None and found.pid == record.pid
+    finally:
+        process.terminate(record.pid, timeout=5)
+
+
 def test_wait_until_reports_a_process_that_died(tmp_path: Path) -> None:
     log = tmp_path / "dead.log"
     record = process.spawn(
@@ -112,3 +165,60 @@ def test_broker_version_is_found_after_the_log_rolled(tmp_path: Path) -> None:
     assert kafka._broker_version() == "4.3.1"
     (logs / "server.log").write_text("INFO Kafka version: 9.9.9\n")  # restarted since
     assert kafka._broker_version() == "9.9.9"
+
+
+def test_the_postgres_password_is_random_owner_only_and_kept(tmp_path: Path) -> None:
+    first = ensure_password(tmp_path / "a" / "password")
+    second = ensure_password(tmp_path / "b" / "password")
+    assert first != second and len(first) >= 24
+    assert stat.S_IMODE((tmp_path / "a" / "password").stat().st_mode) == 0o600
+    assert ensure_password(tmp_path / "a" / "password") == first  # kept across starts
+    assert read_password(tmp_path / "missing") is None  # an older version's trust cluster
+
+
+def test_pg_hba_trusts_no_one() -> None:
+    methods = {line.split()[-1] for line in HBA_CONF.splitlines() if line and line[0] != "#"}
+    assert methods == {"peer", "scram-sha-256"}
+
+
+def test_ferretdb_gets_the_password_in_its_environment_not_its_command_line(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(state_dir=tmp_path)
+    password = ensure_password(tmp_path / "postgres" / "password")
+    ferretdb = FerretDBService(settings)
+    assert ferretdb.env() == {"PGPASSWORD": password}
+    assert not any(password in arg for arg in ferretdb.argv())
+    assert password not in PostgresService(settings).address
+    assert FerretDBService(Settings(state_dir=tmp_path, ferretdb_backend="sqlite")).env() == {}
+
+
+def test_addresses_of_the_local_stack_are_taken_back_only_while_it_runs(tmp_path: Path) -> None:
+    """``eval "$(stockflow stack env)"`` exports the local stack's own addresses: the chaos
+    harness may break those services, but never a look-alike address or a stopped stack."""
+    base = Settings(state_dir=tmp_path, redis_port=41003)
+    exported = {
+        "KAFKA_BOOTSTRAP_SERVERS": base.kafka_bootstrap,
+        "MONGODB_URI": base.mongodb_url,
+        "REDIS_URL": "redis://127.0.0.1:41003/0",
+    }
+    settings = Settings(state_dir=tmp_path, redis_port=41003, **exported)  # type: ignore[arg-type]
+    _, foreign = take_back_own(settings)
+    assert len(foreign) == 3 and all("no live pid file" in line for line in foreign)
+
+    redis = RedisService(base)
+    record = process.spawn(
+        ["sleep", "30"], pidfile=redis.pidfile, logfile=redis.logfile, cwd=tmp_path
+    )
+    try:
+        taken, foreign = take_back_own(settings)
+        assert not taken.is_external("redis") and taken.redis_dsn == exported["REDIS_URL"]
+        assert taken.is_external("kafka") and len(foreign) == 2
+        other = Settings(state_dir=tmp_path, redis_port=41003, redis_url="redis://h:41003/0")
+        _, foreign = take_back_own(other)
+        assert foreign == [
+            f"REDIS_URL=redis://h:41003/0 is not this local stack's address "
+            f"(redis://127.0.0.1:41003/0, state folder {tmp_path})"
+        ]
+    finally:
+        process.terminate(record.pid, timeout=5)

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
-from stockflow.config import Settings
+from stockflow.config import ServiceName, Settings
 from stockflow.stack.ferretdb import FerretDBService
 from stockflow.stack.kafka import KafkaService
 from stockflow.stack.postgres import PostgresService
@@ -19,7 +19,18 @@ from stockflow.stack.process import file_lock
 from stockflow.stack.redis import RedisService
 from stockflow.stack.service import Reporter, Service, ServiceStatus
 
-__all__ = ["ServiceResult", "ServiceStatus", "Stack"]
+__all__ = ["ServiceResult", "ServiceStatus", "Stack", "take_back_own"]
+
+_ADDRESS_FIELDS: dict[ServiceName, str] = {
+    "kafka": "kafka_bootstrap_servers",
+    "mongodb": "mongodb_uri",
+    "redis": "redis_url",
+}
+_VARIABLES: dict[ServiceName, str] = {
+    "kafka": "KAFKA_BOOTSTRAP_SERVERS",
+    "mongodb": "MONGODB_URI",
+    "redis": "REDIS_URL",
+}
 
 
 @dataclass(frozen=True)
@@ -95,3 +106,50 @@ class Stack:
             "REDIS_URL": s.redis_dsn,
         }
         return [f"export {key}={shlex.quote(value)}" for key, value in values.items()]
+
+
+def take_back_own(settings: Settings) -> tuple[Settings, list[str]]:
+    """Treat as local every service address that names this state folder's own running service.
+
+    ``eval "$(stockflow stack env)"`` exports the local stack's addresses, which then look like
+    the user's own services. An address is taken back when it is exactly the one ``stack env``
+    prints for these settings and the state folder's pid file names a live process of that
+    service. Returns the settings with those addresses unset, and one line per address that
+    remains the user's own, saying why.
+    """
+    local = settings.model_copy(update=dict.fromkeys(_ADDRESS_FIELDS.values()))
+    owners: dict[ServiceName, Service] = {
+        "kafka": KafkaService(local),
+        "mongodb": FerretDBService(local),
+        "redis": RedisService(local),
+    }
+    own: dict[ServiceName, str] = {
+        "kafka": local.kafka_bootstrap,
+        "mongodb": local.mongodb_url,
+        "redis": local.redis_dsn,
+    }
+    given: dict[ServiceName, str] = {
+        "kafka": settings.kafka_bootstrap,
+        "mongodb": settings.mongodb_url,
+        "redis": settings.redis_dsn,
+    }
+    taken: dict[str, None] = {}
+    foreign = []
+    for kind, field in _ADDRESS_FIELDS.items():
+        if not settings.is_external(kind):
+            continue
+        shown = f"{_VARIABLES[kind]}={settings.addresses()[kind]}"
+        service = owners[kind]
+        if given[kind] != own[kind]:
+            foreign.append(
+                f"{shown} is not this local stack's address ({own[kind]}, state folder "
+                f"{settings.state_dir})"
+            )
+        elif service.running_pid() is None:
+            foreign.append(
+                f"{shown} is this local stack's address, but its {service.name} is not "
+                f"running from {settings.state_dir} (no live pid file)"
+            )
+        else:
+            taken[field] = None
+    return settings.model_copy(update=taken), foreign

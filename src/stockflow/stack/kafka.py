@@ -140,6 +140,7 @@ class KafkaService(Service):
         config = self.dir / "server.properties"
         config.write_text(self.server_properties())
         (self.dir / "log4j2.properties").write_text(_asset("log4j2.properties"))
+        (self.dir / "log4j.properties").write_text(_asset("log4j.properties"))  # Kafka < 4
         if (self.data_dir / "meta.properties").exists():
             return
         report("kafka: formatting KRaft storage (first start only)")
@@ -169,6 +170,8 @@ class KafkaService(Service):
             "-XX:+ExitOnOutOfMemoryError",
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={self.dir / 'log4j2.properties'}",
+            # Kafka 3.x logs through log4j 1 (reload4j), which reads this one instead.
+            f"-Dlog4j.configuration=file:{self.dir / 'log4j.properties'}",
             f"-Dkafka.logs.dir={self.dir / 'logs'}",
             "-cp",
             f"{self.libs}/*",

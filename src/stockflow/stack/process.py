@@ -1,9 +1,10 @@
 """Starting, finding and stopping the background processes of the local stack.
 
 Each service's process is started in a session of its own (so a Ctrl-C in the terminal that ran
-``stack up`` does not reach it) and recorded in a pid file. A pid file is trusted only while the
-process it names is alive and still runs the program it recorded, so a recycled pid is never
-signalled.
+``stack up`` does not reach it) and recorded in a pid file with the kernel's start time of the
+process (``/proc/<pid>/stat``). A pid file is trusted only while the process it names is alive,
+started at the recorded moment and runs the recorded program, so a recycled pid -- even one
+now running the same program -- is never signalled.
 """
 
 from __future__ import annotations
@@ -30,19 +31,33 @@ class PidRecord:
     pid: int
     argv0: str
     started_at: float
+    start_ticks: int | None = None
+    """The process's start time in clock ticks since boot (``/proc/<pid>/stat``, field 22):
+    unique to one process for the machine's uptime. None in pid files of older versions."""
 
 
 _children: dict[int, subprocess.Popen[bytes]] = {}
 """Processes this Python process started: kept so they are reaped, not garbage-collected."""
 
 
-def _proc_state(pid: int) -> str | None:
+def _proc_stat_fields(pid: int) -> list[str] | None:
+    """Fields 3 and on of ``/proc/<pid>/stat`` (after the parenthesised command name)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    # The state is the first field after the parenthesised command name.
-    return stat.rsplit(")", 1)[1].split()[0]
+    return stat.rsplit(")", 1)[1].split()
+
+
+def _proc_state(pid: int) -> str | None:
+    fields = _proc_stat_fields(pid)
+    return fields[0] if fields else None
+
+
+def proc_start_ticks(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot; None when there is no such process."""
+    fields = _proc_stat_fields(pid)
+    return int(fields[22 - 3]) if fields else None
 
 
 def _proc_argv0(pid: int) -> str | None:
@@ -69,11 +84,19 @@ def read_pidfile(path: Path) -> PidRecord | None:
     """The live process a pid file names, or None when it is missing, stale or recycled."""
     try:
         data = json.loads(path.read_text())
-        record = PidRecord(int(data["pid"]), str(data["argv0"]), float(data["started_at"]))
-    except (OSError, ValueError, KeyError, TypeError):
+        ticks = data.get("start_ticks")
+        record = PidRecord(
+            int(data["pid"]),
+            str(data["argv0"]),
+            float(data["started_at"]),
+            None if ticks is None else int(ticks),
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     if not is_alive(record.pid):
         return None
+    if record.start_ticks is not None and proc_start_ticks(record.pid) != record.start_ticks:
+        return None  # the pid was recycled: another process, whatever program it runs
     argv0 = _proc_argv0(record.pid)
     if argv0 == "":
         return record  # between fork and exec: the command line is not readable yet
@@ -108,7 +131,9 @@ def spawn(
             close_fds=True,
         )
     _children[proc.pid] = proc
-    record = PidRecord(proc.pid, argv[0], time.time())
+    # The start time is set at fork and kept across exec, and the child cannot be reaped
+    # before we read it (we hold it in _children), so this is the child's own.
+    record = PidRecord(proc.pid, argv[0], time.time(), proc_start_ticks(proc.pid))
     tmp = pidfile.with_suffix(".tmp")
     tmp.write_text(json.dumps(record.__dict__))
     tmp.replace(pidfile)
