@@ -33,6 +33,8 @@ class Partitioner(ABC):
     """A partitioning strategy."""
 
     name: ClassVar[str]
+    needs_partition_count: ClassVar[bool] = True
+    """False for strategies that leave the choice to Kafka (no topic metadata needed)."""
 
     @abstractmethod
     def routes(self, command: Command, partitions: int) -> tuple[Route, ...]:
@@ -50,6 +52,7 @@ class ByProduct(Partitioner):
     """Key = product id: one product's orders share a partition, in order (the default)."""
 
     name = "product"
+    needs_partition_count = False
 
     def routes(self, command: Command, partitions: int) -> tuple[Route, ...]:
         return (Route(None, command.key),)
@@ -91,6 +94,7 @@ class ByCustomer(Partitioner):
     """Key = the order's ``customerId`` (one customer's orders in order), else the product."""
 
     name = "customer"
+    needs_partition_count = False
 
     def routes(self, command: Command, partitions: int) -> tuple[Route, ...]:
         if isinstance(command, Order) and command.customer_id is not None:

@@ -89,7 +89,7 @@ class OrderProducer:
     ) -> None:
         """Queue one order (or restock) where the partitioner puts it (by default keyed by its
         product); ``on_partition`` is called with the partition of each copy once delivered."""
-        partitions = 1 if isinstance(self.partitioner, ByProduct) else self.partitions
+        partitions = self.partitions if self.partitioner.needs_partition_count else 1
         value = order.encode()
         for route in self.partitioner.routes(order, partitions):
             self.send_raw(
