@@ -1,5 +1,5 @@
-"""The messages: orders ``{"orderId", "productId", "quantity"}`` and restocks
-``{"restockId", "productId", "quantity"}``, as JSON, decoded strictly.
+"""The messages: orders ``{"orderId", "productId", "quantity"}`` (and an optional
+``customerId``) and restocks ``{"restockId", "productId", "quantity"}``, as JSON, decoded strictly.
 
 Decoding never raises anything but :class:`InvalidOrderError`, whose ``reason`` names the
 first problem found, so a consumer can reject one message and carry on with the next.
@@ -32,12 +32,16 @@ nest a little). The JSON parser recurses per level: a message nested a thousand 
 otherwise end in a RecursionError instead of a reason."""
 
 
-class Order(msgspec.Struct, frozen=True, rename="camel"):
-    """One order: take ``quantity`` units of product ``product_id`` out of stock."""
+class Order(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
+    """One order: take ``quantity`` units of product ``product_id`` out of stock.
+
+    ``customer_id`` (optional) only says who ordered: the ``customer`` partitioner keys by it.
+    """
 
     order_id: int | str
     product_id: int
     quantity: int
+    customer_id: int | str | None = None
 
     kind: ClassVar[Literal["order"]] = "order"
 
@@ -96,6 +100,7 @@ class _Wire(msgspec.Struct, frozen=True, rename="camel"):
     quantity: int
     order_id: int | str | msgspec.UnsetType = msgspec.UNSET
     restock_id: int | str | msgspec.UnsetType = msgspec.UNSET
+    customer_id: int | str | msgspec.UnsetType = msgspec.UNSET
 
 
 _encoder = msgspec.json.Encoder()
@@ -162,7 +167,8 @@ def decode_command(
         raise InvalidOrderError("message nested too deeply to parse") from None
     command: Command
     if isinstance(wire.order_id, int | str) and wire.restock_id is msgspec.UNSET:
-        command = Order(wire.order_id, wire.product_id, wire.quantity)
+        customer = None if wire.customer_id is msgspec.UNSET else wire.customer_id
+        command = Order(wire.order_id, wire.product_id, wire.quantity, customer)
     elif isinstance(wire.restock_id, int | str) and wire.order_id is msgspec.UNSET:
         command = Restock(wire.restock_id, wire.product_id, wire.quantity)
     else:
@@ -188,17 +194,9 @@ def decode_order(
 
 def validate(command: Command, *, max_quantity: int = MAX_QUANTITY) -> None:
     """Check the value ranges the types alone cannot express."""
-    name = "orderId" if command.kind == "order" else "restockId"
-    if isinstance(command.id, str):
-        if not command.id.strip():
-            raise InvalidOrderError(f"{name} is empty")
-        if len(command.id) > MAX_ORDER_ID_LENGTH:
-            raise InvalidOrderError(f"{name} longer than {MAX_ORDER_ID_LENGTH} characters")
-        if any(unicodedata.category(char) == "Cc" for char in command.id):
-            # PostgreSQL (behind FerretDB) cannot store a NUL in text; no id needs any of these.
-            raise InvalidOrderError(f"{name} contains a control character")
-    elif not -MAX_PRODUCT_ID <= command.id <= MAX_PRODUCT_ID:
-        raise InvalidOrderError(f"{name} is out of the exactly representable integer range")
+    _check_id("orderId" if command.kind == "order" else "restockId", command.id)
+    if isinstance(command, Order) and command.customer_id is not None:
+        _check_id("customerId", command.customer_id)
     if not 0 < command.product_id <= MAX_PRODUCT_ID:
         raise InvalidOrderError(
             f"productId must be a positive integer, got {_short(command.product_id)}"
@@ -209,3 +207,17 @@ def validate(command: Command, *, max_quantity: int = MAX_QUANTITY) -> None:
         raise InvalidOrderError(
             f"quantity {_short(command.quantity)} exceeds the maximum of {max_quantity}"
         )
+
+
+def _check_id(name: str, ident: int | str) -> None:
+    """An id is a non-empty string of bounded length or an exactly representable integer."""
+    if isinstance(ident, str):
+        if not ident.strip():
+            raise InvalidOrderError(f"{name} is empty")
+        if len(ident) > MAX_ORDER_ID_LENGTH:
+            raise InvalidOrderError(f"{name} longer than {MAX_ORDER_ID_LENGTH} characters")
+        if any(unicodedata.category(char) == "Cc" for char in ident):
+            # PostgreSQL (behind FerretDB) cannot store a NUL in text; no id needs any of these.
+            raise InvalidOrderError(f"{name} contains a control character")
+    elif not -MAX_PRODUCT_ID <= ident <= MAX_PRODUCT_ID:
+        raise InvalidOrderError(f"{name} is out of the exactly representable integer range")

@@ -90,6 +90,32 @@ def test_every_valid_order_round_trips(order_id: int | str, product_id: int, qty
     assert decode_order(order.encode()) == order
 
 
+def test_customer_id_is_optional_and_kept() -> None:
+    order = decode_order(b'{"orderId": 1, "productId": 101, "quantity": 1, "customerId": 42}')
+    assert order.customer_id == 42
+    assert json.loads(order.encode())["customerId"] == 42
+    plain = decode_order(b'{"orderId": 1, "productId": 101, "quantity": 1}')
+    assert plain.customer_id is None and "customerId" not in json.loads(plain.encode())
+
+
+@pytest.mark.parametrize(
+    ("customer", "reason"),
+    [
+        (b'""', "customerId is empty"),
+        (b'"' + b"c" * 129 + b'"', "customerId longer than 128"),
+        (b'{"$gt": 0}', "customerId"),
+        (b"1.5", "customerId"),
+        (b"true", "customerId"),
+        (str(2**60).encode(), "customerId is out of"),
+    ],
+)
+def test_a_bad_customer_id_is_refused(customer: bytes, reason: str) -> None:
+    payload = b'{"orderId": 1, "productId": 101, "quantity": 1, "customerId": ' + customer + b"}"
+    with pytest.raises(InvalidOrderError) as caught:
+        decode_order(payload)
+    assert reason in caught.value.reason
+
+
 ORDER_HEAD = b'{"orderId": 1, "productId": 101, "quantity": 1, "extra": '
 
 
