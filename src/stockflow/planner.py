@@ -59,6 +59,25 @@ class Entry:
 
 
 @dataclass(frozen=True, slots=True)
+class Owner:
+    """The delivery that claimed an id first: its position and its commands topic's id."""
+
+    position: Source
+    topic_id: str | None = None
+    """None: not known (a claim made before claims named their topic's id, or no ids)."""
+
+    def owns(self, entry: Entry) -> bool:
+        """Whether ``entry`` is this delivery (again): the same position of the same topic.
+
+        A recreated topic repeats names, partitions and offsets, so its commands are told
+        from the deleted one's by Kafka's topic id, wherever both sides know it.
+        """
+        if entry.position != self.position:
+            return False
+        return self.topic_id is None or entry.topic_id is None or entry.topic_id == self.topic_id
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     """The outcome planned for one entry."""
 
@@ -171,23 +190,25 @@ def _replayed(entry: Entry, step: int) -> Decision:
 def plan_batch(
     entries: Sequence[Entry],
     products: Mapping[int, Mapping[str, Any] | None],
-    owners: Mapping[tuple[str, int | str], Source],
+    owners: Mapping[tuple[str, int | str], Owner],
 ) -> Plan:
     """Decide every entry's outcome and each product's single change.
 
     ``products`` maps every product id of the batch to its document (None: no such product).
-    ``owners`` maps each (kind, id) of the batch to the commands-topic position that claimed
-    it first; an entry at another position is a duplicate.
+    ``owners`` maps each (kind, id) of the batch to the delivery that claimed it first; any
+    other delivery (another position, or the same position of another incarnation of the
+    topic) is a duplicate.
     """
     plan = Plan()
     by_product: dict[int, list[Entry]] = defaultdict(list)
     verdicts: dict[Source, Decision] = {}
     for entry in entries:
         owner = owners.get(owner_key(entry.command))
-        if owner is not None and owner != entry.position:
-            verdicts[entry.position] = Decision(
-                entry, Outcome.DUPLICATE, reason=f"{entry.command.kind} id already used at {owner}"
-            )
+        if owner is not None and not owner.owns(entry):
+            reason = f"{entry.command.kind} id already used at {owner.position}"
+            if owner.position == entry.position:
+                reason += f" of an earlier incarnation of the topic (id {owner.topic_id})"
+            verdicts[entry.position] = Decision(entry, Outcome.DUPLICATE, reason=reason)
         else:
             by_product[entry.command.product_id].append(entry)
 

@@ -13,9 +13,18 @@ from hypothesis import strategies as st
 from stockflow.audit import Change, _counted
 from stockflow.orders import Command, Order, Restock
 from stockflow.outcomes import Outcome, Source
-from stockflow.planner import MARKER, MAX_TOPICS, Decision, Entry, Plan, ProductChange, plan_batch
+from stockflow.planner import (
+    MARKER,
+    MAX_TOPICS,
+    Decision,
+    Entry,
+    Owner,
+    Plan,
+    ProductChange,
+    plan_batch,
+)
 
-Owners = Mapping[tuple[str, int | str], Source]
+Owners = Mapping[tuple[str, int | str], Owner]
 Products = Mapping[int, Mapping[str, Any] | None]
 
 
@@ -165,7 +174,10 @@ def test_an_integral_float_stock_is_accepted() -> None:
 
 def test_duplicates_change_nothing_and_the_owner_is_applied() -> None:
     entries = [order(0, 1, 2, oid="A"), order(1, 1, 3, oid="A"), restock(2, 1, 1, rid="A")]
-    owners: Owners = {("order", "A"): Source("cmds", 0, 0), ("restock", "A"): Source("cmds", 0, 2)}
+    owners: Owners = {
+        ("order", "A"): Owner(Source("cmds", 0, 0)),
+        ("restock", "A"): Owner(Source("cmds", 0, 2)),
+    }
     result = plan(entries, {1: {"stock": 10}}, owners)
     assert verdicts(result) == [
         (Source("cmds", 0, 0), Outcome.APPLIED, 8),
@@ -178,10 +190,23 @@ def test_duplicates_change_nothing_and_the_owner_is_applied() -> None:
 
 
 def test_a_duplicate_of_an_earlier_batch_changes_nothing() -> None:
-    owners: Owners = {("order", 7): Source("cmds", 3, 40)}
+    owners: Owners = {("order", 7): Owner(Source("cmds", 3, 40))}
     result = plan([order(0, 1, 2, oid=7)], {1: {"stock": 10}}, owners)
     assert [d.outcome for d in result.decisions] == [Outcome.DUPLICATE]
     assert result.changes == []
+
+
+def test_the_same_position_of_a_recreated_topic_is_a_duplicate_not_the_owner() -> None:
+    """A topic deleted and recreated repeats names, partitions and offsets: the id's owner is
+    the same delivery only if Kafka's topic id matches too."""
+    again = on("cmds", "id-new", 0, Order(7, 1, 2))
+    result = plan([again], {1: {"stock": 10}}, {("order", 7): Owner(again.position, "id-old")})
+    assert verdicts(result) == [(again.position, Outcome.DUPLICATE, None)]
+    assert result.changes == []
+    # The same incarnation (or an id unknown on either side) is the owner coming back.
+    for owner in (Owner(again.position, "id-new"), Owner(again.position)):
+        result = plan([again], {1: {"stock": 10}}, {("order", 7): owner})
+        assert verdicts(result) == [(again.position, Outcome.APPLIED, 8)]
 
 
 def test_replaying_a_written_but_uncommitted_batch_plans_the_same_and_writes_nothing() -> None:
