@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from pymongo import ReplaceOne, UpdateOne
+from pymongo import UpdateOne
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError
@@ -144,6 +144,7 @@ class Ledger:
                 return c.find_one({"_id": ident}, {"position": 1, "topicId": 1})
 
             todo = list(first.values())
+            again: list[Entry] = []  # claimed before by this very delivery (a replay)
             for _ in range(CLAIM_ROUNDS):
                 if not todo:
                     break
@@ -153,10 +154,40 @@ class Ledger:
                 for doc in found:
                     position = _from_src(doc.get("position")) if doc else None
                     if doc and position is not None:
-                        owners[(kind, doc["_id"])] = _owner(doc, position)
+                        owner = owners[(kind, doc["_id"])] = _owner(doc, position)
+                        if owner.owns(first[doc["_id"]]):
+                            again.append(first[doc["_id"]])
             if todo:
                 raise ConcurrentWriteError(f"claims of {len(todo)} id(s) kept vanishing")
+            for entry, told in zip(again, self._recorded(kind, again), strict=True):
+                if told is not None:
+                    owners[(kind, entry.command.id)] = told
         return owners
+
+    def _recorded(self, kind: str, entries: Sequence[Entry]) -> list[Owner | None]:
+        """Each entry as an owner with its recorded outcome (None: not recorded yet)."""
+        fields = {"status": 1, "stockAfter": 1, "reason": 1, "position": 1, "topicId": 1}
+
+        def record_of(entry: Entry) -> Owner | None:
+            record = self.records[kind].find_one({"_id": entry.command.id}, fields)
+            position = _from_src(record.get("position")) if record else None
+            if record is None or position is None or not _owner(record, position).owns(entry):
+                return None
+            try:
+                outcome = Outcome(str(record.get("status")))
+            except ValueError:
+                return None
+            stock = record.get("stockAfter")
+            reason = record.get("reason")
+            return Owner(
+                entry.position,
+                entry.topic_id,
+                outcome,
+                stock if isinstance(stock, int) and not isinstance(stock, bool) else None,
+                reason if isinstance(reason, str) else None,
+            )
+
+        return side_by_side(self.pool, record_of, entries)
 
     def release(self, entries: Sequence[Entry]) -> None:
         """Free the ids these entries own (they were dead-lettered), so that a replay of one
@@ -226,19 +257,9 @@ class Ledger:
                 if d.outcome not in (Outcome.DUPLICATE, Outcome.DEAD_LETTERED)
             ]
             # Already there after a crash between this and the Kafka commit: the crashed
-            # attempt's record, which this attempt's replaces (only on replays). They differ
-            # when a command was decided without a write and another pipeline changed the
-            # product since: the record must say what this attempt publishes.
-            skipped = insert_all(self.records[kind], owned, self.pool)
-            again = [
-                ReplaceOne(
-                    {"_id": r["_id"], "position": r["position"], "topicId": r.get("topicId")}, r
-                )
-                for r in owned
-                if r["_id"] in skipped
-            ]
-            for chunk in chunks(again):
-                self.records[kind].bulk_write(list(chunk), ordered=False)
+            # attempt's record, kept as it is. The planner told that recorded decision
+            # again (``Ledger.claim`` hands it over), so the two agree.
+            insert_all(self.records[kind], owned, self.pool)
             notes = [
                 UpdateOne(
                     {"_id": d.entry.command.id},

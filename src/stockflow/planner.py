@@ -16,7 +16,9 @@ written since its last commit, up to offset ``last``: offset -> the stock after 
 if it was applied, or ``-1 - stock`` if it was an order refused at that stock. A command of
 the batch at an offset up to ``last`` of *its own* topic's entry was written already: its
 decision is read back from its step, never taken again from stock (another pipeline may have
-changed the stock since). Every other command is decided from the stored stock.
+changed the stock since). A command whose outcome is recorded (its id's owner, read again
+after a rewind) gets the recorded outcome: records are written only once the product's change
+is durable. Every other command is decided from the stored stock.
 
 ``v`` counts the writes (the compare-and-set checks it, and the cache orders entries by it);
 ``baseline`` is the stock the audit counts from: stock = baseline + the changes recorded for
@@ -40,6 +42,9 @@ from stockflow.outcomes import Outcome, Source
 MARKER = "_stockflow"
 MAX_TOPICS = 8
 """Commands topics a marker remembers; writing from a further one forgets the least recent."""
+
+RECORDED = frozenset({Outcome.APPLIED, Outcome.INSUFFICIENT_STOCK, Outcome.UNKNOWN_PRODUCT})
+"""The outcomes an owner's record can hold (a dead letter and a duplicate get none)."""
 
 Topic = dict[str, Any]
 """One entry of a marker's ``topics``."""
@@ -65,6 +70,12 @@ class Owner:
     position: Source
     topic_id: str | None = None
     """None: not known (a claim made before claims named their topic's id, or no ids)."""
+    outcome: Outcome | None = None
+    """The outcome recorded for it (None: no record yet). A delivery read again once its
+    record exists is told this decision, as it is: the record is written only after the
+    product's change is durable, so deciding again from the stock could only contradict it."""
+    stock_after: int | None = None
+    reason: str | None = None
 
     def owns(self, entry: Entry) -> bool:
         """Whether ``entry`` is this delivery (again): the same position of the same topic.
@@ -197,7 +208,7 @@ def plan_batch(
     ``products`` maps every product id of the batch to its document (None: no such product).
     ``owners`` maps each (kind, id) of the batch to the delivery that claimed it first; any
     other delivery (another position, or the same position of another incarnation of the
-    topic) is a duplicate.
+    topic) is a duplicate. An owner whose outcome is recorded already gets that outcome again.
     """
     plan = Plan()
     by_product: dict[int, list[Entry]] = defaultdict(list)
@@ -209,6 +220,11 @@ def plan_batch(
             if owner.position == entry.position:
                 reason += f" of an earlier incarnation of the topic (id {owner.topic_id})"
             verdicts[entry.position] = Decision(entry, Outcome.DUPLICATE, reason=reason)
+        elif owner is not None and owner.outcome in RECORDED:
+            assert owner.outcome is not None
+            verdicts[entry.position] = Decision(
+                entry, owner.outcome, owner.stock_after, owner.reason
+            )
         else:
             by_product[entry.command.product_id].append(entry)
 
@@ -256,8 +272,8 @@ def _plan_product(
                 break
             step = steps.get(str(entry.position.offset))
             if step is None:
-                # Committed before the marker's range (offsets were rewound): it changed the
-                # stock then; tell it again without changing anything.
+                # Before the marker's range, and without a record (a recorded one never gets
+                # here): tell it from the stock without changing anything.
                 probe = _decide(entry, probe, verdicts)
             else:
                 verdicts[entry.position] = _replayed(entry, step)
@@ -273,9 +289,9 @@ def _plan_product(
         applied = applied or decision.outcome is Outcome.APPLIED
         steps[str(entry.position.offset)] = _step(decision)
     if not applied and topics is not None:
-        # Nothing applied: no write needed. A replay decides these again from the stored
-        # stock, the same one unless another pipeline changed it meanwhile (then the replay's
-        # outcome records replace the crashed attempt's; see ``Ledger.finish``).
+        # Nothing applied: no write needed. Once recorded, these decisions are told again as
+        # recorded; a replay before the records (nothing was published) decides them again
+        # from the stored stock, which another pipeline may have changed meanwhile.
         return
     plan.changes.append(
         ProductChange(

@@ -282,17 +282,52 @@ def test_a_replay_after_the_other_pipeline_wrote_the_product_is_not_applied_twic
     assert not report.stock_mismatches, report
 
 
-def test_a_replayed_refusal_is_recorded_as_the_replay_decides_it(
+def test_a_recorded_refusal_read_again_after_a_restock_stays_a_refusal(
     settings: Settings, pipeline: Pipeline
 ) -> None:
-    """A refuses an order (no write), records it and crashes before its commit; B restocks;
-    A's replay decides from the new stock. The record must say what the replay published."""
+    """An order of 5 at stock 3 is refused and committed; a restock of 10 follows; offset 0 is
+    read again (offsets reset or expired, or an ambiguous commit rewound). Before, it was
+    decided again from the stock: a phantom ``applied`` (stock after 8, stock still 13) and
+    its record rewritten to say so. The recorded decision is the decision."""
+    pipeline.inventory.seed({P: 3})
+    applier = appliers(settings, pipeline)
+    refused = entries("a.cmds", "id-a", 0, [Order("a-0", P, 5)])
+    [first] = applier()._apply(refused)
+    assert (first.outcome, first.stock_after) == (Outcome.INSUFFICIENT_STOCK, 3)
+    applier()._apply(entries("a.cmds", "id-a", 1, [Restock("a-r", P, 10)]))
+    assert pipeline.inventory.stock_of(P) == 13
+
+    [again] = applier()._apply(refused)
+    assert (again.outcome, again.stock_after) == (Outcome.INSUFFICIENT_STOCK, 3)
+    assert pipeline.inventory.stock_of(P) == 13
+    ledger = Ledger(
+        pipeline.mongo[settings.database], settings.orders_collection, settings.restocks_collection
+    )
+    assert (ledger.find("order", "a-0") or {}).get("status") == "insufficient_stock"
+    # Read again together with the restock (earlier batches than the marker's steps hold).
+    assert [
+        (d.outcome, d.stock_after)
+        for d in applier()._apply(refused + entries("a.cmds", "id-a", 1, [Restock("a-r", P, 10)]))
+    ] == [(Outcome.INSUFFICIENT_STOCK, 3), (Outcome.APPLIED, 13)]
+    assert pipeline.inventory.stock_of(P) == 13
+    report = run_audit(settings, pipeline, messages=False)
+    assert not report.stock_mismatches, report
+
+
+def test_a_refusal_crashed_before_its_record_is_decided_by_the_replay(
+    settings: Settings, pipeline: Pipeline
+) -> None:
+    """A refuses an order (no write) and crashes before recording it; B restocks; A's replay
+    decides from the new stock (nothing was published, so nothing contradicts it), writes,
+    and its record says what it publishes."""
     pipeline.inventory.seed({P: 1})
     applier = appliers(settings, pipeline)
     applier()._apply(entries("b.cmds", "id-b", 0, [Order("b-0", P, 1)]))
     a_batch = entries("a.cmds", "id-a", 0, [Order("a-0", P, 2)])
-    [refused] = applier()._apply(a_batch)  # recorded, never committed
-    assert refused.outcome is Outcome.INSUFFICIENT_STOCK
+    crashed = applier()
+    plan = plan_batch(a_batch, pipeline.inventory.load([P]), crashed.ledger.claim(a_batch))
+    assert [d.outcome for d in plan.decisions] == [Outcome.INSUFFICIENT_STOCK]
+    assert plan.changes == []  # no write; the crash comes before the records
     applier()._apply(entries("b.cmds", "id-b", 1, [Restock("b-r", P, 5)]))
     [replayed] = applier()._apply(a_batch)
     assert (replayed.outcome, replayed.stock_after) == (Outcome.APPLIED, 3)
@@ -301,6 +336,29 @@ def test_a_replayed_refusal_is_recorded_as_the_replay_decides_it(
         pipeline.mongo[settings.database], settings.orders_collection, settings.restocks_collection
     )
     assert (ledger.find("order", "a-0") or {}).get("status") == "applied"
+    report = run_audit(settings, pipeline, messages=False)
+    assert not report.stock_mismatches, report
+
+
+def test_a_refusal_recorded_before_a_crash_is_published_as_recorded(
+    settings: Settings, pipeline: Pipeline
+) -> None:
+    """A refuses an order (no write), records it and crashes before its commit; B restocks;
+    A's replay publishes the recorded refusal: the record and the outcome agree."""
+    pipeline.inventory.seed({P: 1})
+    applier = appliers(settings, pipeline)
+    applier()._apply(entries("b.cmds", "id-b", 0, [Order("b-0", P, 1)]))
+    a_batch = entries("a.cmds", "id-a", 0, [Order("a-0", P, 2)])
+    [refused] = applier()._apply(a_batch)  # recorded, never committed
+    assert refused.outcome is Outcome.INSUFFICIENT_STOCK
+    applier()._apply(entries("b.cmds", "id-b", 1, [Restock("b-r", P, 5)]))
+    [replayed] = applier()._apply(a_batch)
+    assert (replayed.outcome, replayed.stock_after) == (Outcome.INSUFFICIENT_STOCK, 0)
+    assert pipeline.inventory.stock_of(P) == 5
+    ledger = Ledger(
+        pipeline.mongo[settings.database], settings.orders_collection, settings.restocks_collection
+    )
+    assert (ledger.find("order", "a-0") or {}).get("status") == "insufficient_stock"
     report = run_audit(settings, pipeline, messages=False)
     assert not report.stock_mismatches, report
 

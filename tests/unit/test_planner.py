@@ -21,6 +21,7 @@ from stockflow.planner import (
     Owner,
     Plan,
     ProductChange,
+    owner_key,
     plan_batch,
 )
 
@@ -491,14 +492,44 @@ def test_a_replay_after_another_topic_wrote_is_read_from_its_steps() -> None:
     assert verdicts(shorter) == verdicts(first)[1:] and shorter.changes == []
 
 
-def test_rewound_offsets_before_the_written_range_change_nothing() -> None:
-    """Commands committed before the entry's steps began, read again (offsets rewound): they
-    were applied then; they are told again without touching stock."""
-    doc = run_committed(orders_on("a", "A", 3, 1), {"stock": 10})  # 0..2 committed: 7
-    doc = run_committed(orders_on("a", "A", 2, 1, start=3), doc)  # steps now 3..4: 5
-    again = plan(orders_on("a", "A", 5, 1), {1: doc})
-    assert [d.stock_after for d in again.decisions] == [4, 3, 2, 6, 5]  # 0..2: no effect
+def recorded_owners(decisions: Sequence[Decision]) -> Owners:
+    """The owners of these decisions' ids, with the outcomes their records hold."""
+    return {
+        owner_key(d.entry.command): Owner(
+            d.entry.position, d.entry.topic_id, d.outcome, d.stock_after, d.reason
+        )
+        for d in decisions
+    }
+
+
+def test_rewound_offsets_are_told_as_recorded_and_change_nothing() -> None:
+    """Commands committed before the entry's steps began, read again (offsets rewound): their
+    records hold their decisions, which are told again as they are, without touching stock."""
+    first = plan(orders_on("a", "A", 3, 1), {1: {"stock": 10}})  # 0..2 committed: 7
+    doc = written({"stock": 10}, first.changes[0])
+    second = plan(orders_on("a", "A", 2, 1, start=3), {1: doc})  # steps now 3..4: 5
+    doc = written(doc, second.changes[0])
+    owners = recorded_owners([*first.decisions, *second.decisions])
+    again = plan(orders_on("a", "A", 5, 1), {1: doc}, owners)
+    assert verdicts(again) == verdicts(first) + verdicts(second)
     assert again.changes == []
+
+
+def test_a_rewound_refusal_stays_a_refusal_after_a_restock() -> None:
+    """An order of 5 refused at stock 3, then a restock of 10: read again, the order is the
+    refusal it was (before: a phantom ``applied`` at 8 with no change written)."""
+    refused = on("a", "A", 0, Order("o", 1, 5))
+    first = plan([refused], {1: {"stock": 3, MARKER: marker_of(0)}})
+    assert verdicts(first) == [(refused.position, Outcome.INSUFFICIENT_STOCK, 3)]
+    assert first.changes == []
+    restock_ = on("a", "A", 1, Restock("r", 1, 10))
+    second = plan([restock_], {1: {"stock": 3, MARKER: marker_of(0)}})
+    doc = written({"stock": 3, MARKER: marker_of(0)}, second.changes[0])
+    owners = recorded_owners([*first.decisions, *second.decisions])
+    for batch in ([refused], [refused, restock_]):
+        again = plan(batch, {1: doc}, owners)
+        assert verdicts(again) == verdicts(first) + verdicts(second)[: len(batch) - 1]
+        assert again.changes == []
 
 
 def test_more_topics_than_a_marker_keeps_forget_the_least_recently_written() -> None:
@@ -541,7 +572,7 @@ schedules = st.lists(
     st.fixed_dictionaries({1: st.integers(0, 20), 2: st.integers(0, 20)}),
     schedules,
 )
-@example(  # refused without a write and recorded; b restocks; the replay applies it
+@example(  # refused without a write and recorded; b restocks; the replay stays a refusal
     scripts=[[(False, 2, 1)], [(False, 2, 1)], [(True, 2, 2)]],
     stocks={1: 0, 2: 0},
     schedule=[(0, 1, False, 0, False), (2, 1, False, 0, True)],
@@ -566,7 +597,7 @@ def test_pipelines_sharing_products_with_crashes_apply_every_command_once(
     committed = [0, 0, 0]
     # By topic id and position (a recreated topic repeats positions).
     published: dict[tuple[str | None, Source], Decision] = {}
-    records: dict[tuple[str | None, Source], Decision] = {}  # a replay's record replaces
+    records: dict[tuple[str | None, Source], Decision] = {}  # inserted once, never replaced
 
     def attempt(t: int, size: int, commit: bool, lost: int, recorded: bool) -> None:
         if t == 2 and committed[0] < len(topics[0]):
@@ -574,7 +605,10 @@ def test_pipelines_sharing_products_with_crashes_apply_every_command_once(
         batch = topics[t][committed[t] : committed[t] + size]
         if not batch:
             return
-        result = plan(batch, docs)
+        owners = recorded_owners(
+            [d for e in batch if (d := records.get((e.topic_id, e.position))) is not None]
+        )
+        result = plan(batch, docs, owners)
         for change in result.changes:
             doc = docs[change.product_id] or {}
             assert (doc["stock"], version_of(doc)) == (
@@ -585,7 +619,8 @@ def test_pipelines_sharing_products_with_crashes_apply_every_command_once(
                 docs[change.product_id] = written(doc, change)
         lost_any = not commit and lost in {c.product_id for c in result.changes}
         if commit or (recorded and not lost_any):
-            records.update(((d.entry.topic_id, d.entry.position), d) for d in result.decisions)
+            for d in result.decisions:
+                records.setdefault((d.entry.topic_id, d.entry.position), d)
         if commit:
             published.update(((d.entry.topic_id, d.entry.position), d) for d in result.decisions)
             committed[t] += len(batch)
