@@ -229,7 +229,7 @@ def plan_batch(
             by_product[entry.command.product_id].append(entry)
 
     for product_id, group in by_product.items():
-        group.sort(key=lambda e: (e.position.partition, e.position.offset))
+        group.sort(key=lambda e: (e.position.topic, e.position.partition, e.position.offset))
         doc = products.get(product_id)
         if doc is None:
             for entry in group:
@@ -255,6 +255,36 @@ def _plan_product(
     plan: Plan,
     verdicts: dict[Source, Decision],
 ) -> None:
+    """Plan one product's commands: each partition's in turn (each has its own marker entry
+    and steps), the next from the stock and marker the previous one leaves; one change."""
+    parts: dict[tuple[str, int], list[Entry]] = defaultdict(list)
+    for entry in group:
+        parts[(entry.position.topic, entry.position.partition)].append(entry)
+    current: Mapping[str, Any] = doc
+    changed = False
+    for part in parts.values():
+        after = _plan_part(part, current, stock, verdicts)
+        if after is not None:
+            stock, marker = after
+            current, changed = {**current, "stock": stock, MARKER: marker}, True
+    if changed:
+        plan.changes.append(
+            ProductChange(
+                product_id,
+                doc_id=doc.get("_id"),
+                expected_stock=doc.get("stock"),
+                expected_version=_expected_version(doc.get(MARKER)),
+                new_stock=stock,
+                marker={**current[MARKER], "v": marker_version(doc) + 1},
+            )
+        )
+
+
+def _plan_part(
+    group: list[Entry], doc: Mapping[str, Any], stock: int, verdicts: dict[Source, Decision]
+) -> tuple[int, dict[str, Any]] | None:
+    """Plan one product's commands of one partition: the stock and marker after them, or
+    None if they need no write."""
     head = group[0]
     marker = doc.get(MARKER)
     topics = topic_entries(marker)
@@ -280,7 +310,7 @@ def _plan_product(
             replayed += 1
     fresh = group[replayed:]
     if not fresh:
-        return
+        return None
     running = stock
     applied = False
     for entry in fresh:
@@ -292,17 +322,8 @@ def _plan_product(
         # Nothing applied: no write needed. Once recorded, these decisions are told again as
         # recorded; a replay before the records (nothing was published) decides them again
         # from the stored stock, which another pipeline may have changed meanwhile.
-        return
-    plan.changes.append(
-        ProductChange(
-            product_id,
-            doc_id=doc.get("_id"),
-            expected_stock=doc.get("stock"),
-            expected_version=_expected_version(marker),
-            new_stock=running,
-            marker=_next_marker(doc, topics, mine, head, fresh, steps, stock),
-        )
-    )
+        return None
+    return running, _next_marker(doc, topics, mine, head, fresh, steps, stock)
 
 
 def _next_marker(
