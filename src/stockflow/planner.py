@@ -125,15 +125,29 @@ def owner_key(command: Command) -> tuple[str, int | str]:
     return (command.kind, command.id)
 
 
+MAX_STOCK = 2**62
+"""The largest stock stockflow works with: far below MongoDB's 64-bit integers, so that a
+batch's restocks on top of it still fit in one (a larger number would not even encode)."""
+MAX_FLOAT_STOCK = 2**53
+"""Doubles (JavaScript clients write them) count single units only below this."""
+
+
 def _valid_stock(value: Any) -> int | None:
-    """Stock as an int, accepting integral floats (JavaScript clients write doubles)."""
+    """Stock as a plain int; None for anything that is not a whole, countable, storable
+    number of units (strings, booleans, Decimal128, NaN, infinities, huge numbers)."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int) and value >= 0:
-        return value
-    if isinstance(value, float) and value.is_integer() and value >= 0:
-        return int(value)
+    if isinstance(value, int):
+        return int(value) if 0 <= value <= MAX_STOCK else None
+    if isinstance(value, float) and value.is_integer() and 0 <= value < MAX_FLOAT_STOCK:
+        return int(value)  # -0.0 is 0
     return None
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A stored value as a reason quotes it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def _int(value: Any) -> int | None:
@@ -237,7 +251,7 @@ def plan_batch(
             continue
         stock = _valid_stock(doc.get("stock"))
         if stock is None:
-            reason = f"product {product_id} has an unusable stock value {doc.get('stock')!r}"
+            reason = f"product {product_id} has an unusable stock value {_shown(doc.get('stock'))}"
             for entry in group:
                 verdicts[entry.position] = Decision(entry, Outcome.DEAD_LETTERED, reason=reason)
             continue

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
+from bson import BSON, Decimal128, Int64
 from hypothesis import example, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -157,12 +158,48 @@ def test_unknown_product_is_rejected_without_a_change() -> None:
     assert [c.product_id for c in result.changes] == [1]
 
 
-@pytest.mark.parametrize("stock", ["10", -1, 1.5, True, None, float("nan"), {"$gt": 0}])
+@pytest.mark.parametrize(
+    "stock",
+    [
+        "10",
+        -1,
+        1.5,
+        True,
+        None,
+        float("nan"),
+        {"$gt": 0},
+        # Numbers no stock can be: a write of them (less an order) would not even encode.
+        1e300,
+        float("inf"),
+        -float("inf"),
+        2.0**53,  # a double so large that it no longer counts single units
+        2**62 + 1,
+        2**63,
+        Int64(2**63 - 1),
+        -(2**63),
+        Decimal128("5"),
+        Decimal128("NaN"),
+        "x" * 100_000,
+    ],
+)
 def test_unusable_stock_dead_letters_the_products_commands(stock: Any) -> None:
     result = plan([order(0, 1, 1), restock(1, 1, 2)], {1: {"stock": stock}})
     assert [d.outcome for d in result.decisions] == [Outcome.DEAD_LETTERED] * 2
     assert all(d.reason and "unusable stock" in d.reason for d in result.decisions)
+    assert all(len(d.reason or "") < 200 for d in result.decisions)  # the value, cut short
     assert result.changes == []
+
+
+@pytest.mark.parametrize(
+    ("stock", "after"), [(-0.0, 0), (0.0, 0), (Int64(7), 7), (2**53 - 1, 2**53 - 1), (2**62, 2**62)]
+)
+def test_odd_but_usable_stock_values_are_plain_ints(stock: Any, after: int) -> None:
+    result = plan([restock(0, 1, 1), order(1, 1, 1)], {1: {"stock": stock}})
+    assert [d.outcome for d in result.decisions] == [Outcome.APPLIED] * 2
+    (change,) = result.changes
+    assert change.new_stock == after and type(change.new_stock) is int
+    assert type(change.marker["baseline"]) is int
+    BSON.encode({"stock": change.new_stock, MARKER: change.marker})  # writable as it is
 
 
 def test_an_integral_float_stock_is_accepted() -> None:
