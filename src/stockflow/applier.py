@@ -327,7 +327,9 @@ class Applier:
         letter = self._letter(message, reason, attempts, command)
         if command is not None:
             try:
-                self.ledger.release([Entry(position, source, command)])
+                self.ledger.release(
+                    [Entry(position, source, command, self._known_ids.get(position.topic))]
+                )
             except PyMongoError as exc:
                 raise TransientError(f"MongoDB: cannot release a claim: {exc}") from exc
         self.store.keep([letter])

@@ -18,14 +18,14 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from pymongo import ReplaceOne, UpdateOne
+from pymongo import UpdateOne
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError
 
 from stockflow.errors import ConcurrentWriteError
 from stockflow.outcomes import Outcome, OutcomeEvent, Source
-from stockflow.planner import Decision, Entry, owner_key
+from stockflow.planner import Decision, Entry, Owner, owner_key
 
 Doc = dict[str, Any]
 T = TypeVar("T")
@@ -49,6 +49,11 @@ def _src(source: Source) -> str:
 
 def _from_src(value: Any) -> Source | None:
     return Source.parse(value) if isinstance(value, str) else None
+
+
+def _owner(claim: Doc, position: Source) -> Owner:
+    topic_id = claim.get("topicId")
+    return Owner(position, topic_id if isinstance(topic_id, str) else None)
 
 
 def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
@@ -116,28 +121,30 @@ class Ledger:
         }
         self.pool = pool
 
-    def claim(self, entries: Sequence[Entry]) -> dict[tuple[str, int | str], Source]:
-        """Claim each entry's id; returns who owns every id of the batch (a position).
+    def claim(self, entries: Sequence[Entry]) -> dict[tuple[str, int | str], Owner]:
+        """Claim each entry's id; returns who owns every id of the batch (a position, and the
+        commands topic's id: a recreated topic repeats positions).
 
         New ids are claimed by their entry; for ids already claimed the existing owner is
         returned, which makes a later copy a duplicate (or, after a crash, recognises the
         batch's own earlier claim). An id whose claim vanished between the two steps (its
         owner was dead-lettered and released it) is claimed again.
         """
-        owners: dict[tuple[str, int | str], Source] = {}
+        owners: dict[tuple[str, int | str], Owner] = {}
         for kind, collection in self.claims.items():
             first: dict[int | str, Entry] = {}
             for entry in entries:
                 if entry.command.kind == kind:
                     first.setdefault(entry.command.id, entry)
             for ident, entry in first.items():
-                owners[(kind, ident)] = entry.position
+                owners[(kind, ident)] = Owner(entry.position, entry.topic_id)
 
             # By _id one at a time: an index lookup each, whatever the collection's size.
             def owner_of(ident: Any, c: Collection[Doc] = collection) -> Doc | None:
-                return c.find_one({"_id": ident}, {"position": 1})
+                return c.find_one({"_id": ident}, {"position": 1, "topicId": 1})
 
             todo = list(first.values())
+            again: list[Entry] = []  # claimed before by this very delivery (a replay)
             for _ in range(CLAIM_ROUNDS):
                 if not todo:
                     break
@@ -147,10 +154,40 @@ class Ledger:
                 for doc in found:
                     position = _from_src(doc.get("position")) if doc else None
                     if doc and position is not None:
-                        owners[(kind, doc["_id"])] = position
+                        owner = owners[(kind, doc["_id"])] = _owner(doc, position)
+                        if owner.owns(first[doc["_id"]]):
+                            again.append(first[doc["_id"]])
             if todo:
                 raise ConcurrentWriteError(f"claims of {len(todo)} id(s) kept vanishing")
+            for entry, told in zip(again, self._recorded(kind, again), strict=True):
+                if told is not None:
+                    owners[(kind, entry.command.id)] = told
         return owners
+
+    def _recorded(self, kind: str, entries: Sequence[Entry]) -> list[Owner | None]:
+        """Each entry as an owner with its recorded outcome (None: not recorded yet)."""
+        fields = {"status": 1, "stockAfter": 1, "reason": 1, "position": 1, "topicId": 1}
+
+        def record_of(entry: Entry) -> Owner | None:
+            record = self.records[kind].find_one({"_id": entry.command.id}, fields)
+            position = _from_src(record.get("position")) if record else None
+            if record is None or position is None or not _owner(record, position).owns(entry):
+                return None
+            try:
+                outcome = Outcome(str(record.get("status")))
+            except ValueError:
+                return None
+            stock = record.get("stockAfter")
+            reason = record.get("reason")
+            return Owner(
+                entry.position,
+                entry.topic_id,
+                outcome,
+                stock if isinstance(stock, int) and not isinstance(stock, bool) else None,
+                reason if isinstance(reason, str) else None,
+            )
+
+        return side_by_side(self.pool, record_of, entries)
 
     def release(self, entries: Sequence[Entry]) -> None:
         """Free the ids these entries own (they were dead-lettered), so that a replay of one
@@ -161,8 +198,10 @@ class Ledger:
             kind, ident = entry.command.kind, entry.command.id
             mine = {"_id": ident, "position": _src(entry.position)}
             claim = self.claims[kind].find_one(mine)
-            if claim is None:
-                continue  # released already (a redone batch), or owned by another entry
+            if claim is None or not _owner(claim, entry.position).owns(entry):
+                # Released already (a redone batch), or owned by another entry (maybe at this
+                # position of a deleted incarnation of the topic).
+                continue
             kept = {
                 **claim,
                 "_id": f"{ident}@released@{entry.position}",
@@ -179,6 +218,9 @@ class Ledger:
             "_id": command.id,
             "source": _src(entry.source),
             "position": _src(entry.position),
+            # The commands topic's incarnation: a recreated topic repeats positions, and a
+            # copy sent to it again must stay a duplicate.
+            **({"topicId": entry.topic_id} if entry.topic_id else {}),
         }
 
     @staticmethod
@@ -215,17 +257,9 @@ class Ledger:
                 if d.outcome not in (Outcome.DUPLICATE, Outcome.DEAD_LETTERED)
             ]
             # Already there after a crash between this and the Kafka commit: the crashed
-            # attempt's record, which this attempt's replaces (only on replays). They differ
-            # when a command was decided without a write and another pipeline changed the
-            # product since: the record must say what this attempt publishes.
-            skipped = insert_all(self.records[kind], owned, self.pool)
-            again = [
-                ReplaceOne({"_id": r["_id"], "position": r["position"]}, r)
-                for r in owned
-                if r["_id"] in skipped
-            ]
-            for chunk in chunks(again):
-                self.records[kind].bulk_write(list(chunk), ordered=False)
+            # attempt's record, kept as it is. The planner told that recorded decision
+            # again (``Ledger.claim`` hands it over), so the two agree.
+            insert_all(self.records[kind], owned, self.pool)
             notes = [
                 UpdateOne(
                     {"_id": d.entry.command.id},

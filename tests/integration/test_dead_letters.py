@@ -16,7 +16,7 @@ from stockflow.config import Settings
 from stockflow.deadletters import DeadLetterStore
 from stockflow.dlq import original_of, read_dead_letters
 from stockflow.ledger import Ledger
-from stockflow.orders import Order
+from stockflow.orders import Order, Restock
 from stockflow.outcomes import Outcome, Source
 from stockflow.pipeline import Pipeline
 from stockflow.planner import Entry
@@ -95,6 +95,34 @@ def test_a_message_near_the_size_limit_is_dead_lettered_and_its_neighbours_flow(
     assert second.size == BIG and second.sha256 == first.sha256
     report = run_audit(settings, pipeline)
     assert report.ok and report.replayed == 1 and report.outcomes["dead_lettered"] == 1
+
+
+def test_stored_stock_of_odd_numeric_types_is_dead_lettered_at_once_or_used(
+    settings: Settings, pipeline: Pipeline
+) -> None:
+    """A huge double, or the largest 64-bit integer with a restock on top (neither write would
+    encode), dead-letters its product's commands with a reason at the first attempt (before:
+    retried, then dead-lettered one by one); negative zero is a stock of 0. Neighbours flow.
+    (Decimal128, also refused, is covered by the unit tests: FerretDB v1 cannot store it.)"""
+    pipeline.inventory.seed({101: 1, 102: 1, 103: 1, 104: 5})
+    odd = {101: 1e300, 102: 2**63 - 1, 103: -0.0}
+    for pid, stock in odd.items():
+        pipeline.inventory.products.update_one({"product_id": pid}, {"$set": {"stock": stock}})
+    with OrderProducer(settings) as producer:
+        producer.send(Order("o-1", 101, 1))
+        producer.send(Restock("r-2", 102, 1))
+        producer.send(Restock("r-3", 103, 2))
+        producer.send(Order("o-4", 104, 1))
+    started = time.monotonic()
+    run = process(settings, pipeline, 4)
+    assert run.outcomes == {"applied": 2, "dead_lettered": 2}
+    assert time.monotonic() - started < 30  # no rounds of retries
+    letters = {letter.reason for letter in read_dead_letters(settings)}
+    assert len(letters) == 2 and all("unusable stock" in reason for reason in letters), letters
+    assert "1e+300" in " ".join(letters)
+    assert [pipeline.inventory.stock_of(p) for p in (103, 104)] == [2, 4]
+    report = run_audit(settings, pipeline, messages=False)
+    assert not report.stock_mismatches and not report.negative_stock, report
 
 
 def test_an_applier_dead_letter_replays_once_fixed_and_is_applied_once(

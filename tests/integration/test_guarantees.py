@@ -23,7 +23,7 @@ from stockflow.ledger import Ledger
 from stockflow.orders import Order, Restock
 from stockflow.outcomes import Outcome, Source
 from stockflow.pipeline import Pipeline, open_pipeline
-from stockflow.planner import Decision, Entry, plan_batch
+from stockflow.planner import Decision, Entry, Owner, plan_batch
 from stockflow.producer import OrderProducer
 from stockflow.worker import Worker
 from tests.integration.conftest import cleanup, isolated, outcome_events, process
@@ -180,7 +180,9 @@ def test_a_second_writer_is_detected_not_overwritten(
 ) -> None:
     pipeline.inventory.seed({101: 10})
     entries = [Entry(Source("cmds", 0, 1), Source("in", 0, 1), Order(1, 101, 2))]
-    plan = plan_batch(entries, pipeline.inventory.load([101]), {("order", 1): entries[0].position})
+    plan = plan_batch(
+        entries, pipeline.inventory.load([101]), {("order", 1): Owner(entries[0].position)}
+    )
     pipeline.inventory.products.update_one({"product_id": 101}, {"$inc": {"stock": -1}})
     with pytest.raises(ConcurrentWriteError):
         pipeline.inventory.write_changes(plan.changes)
