@@ -37,10 +37,16 @@ from pymongo.errors import PyMongoError
 from stockflow.cache import ProductCache, product_version
 from stockflow.config import Settings
 from stockflow.consumer import Handled, Output
-from stockflow.errors import ConcurrentWriteError, InvalidOrderError, TopicError, TransientError
+from stockflow.errors import (
+    AccessDeniedError,
+    ConcurrentWriteError,
+    InvalidOrderError,
+    TopicError,
+    TransientError,
+)
 from stockflow.inventory import Inventory, Product
 from stockflow.ledger import Ledger, to_event
-from stockflow.mongo import classify
+from stockflow.mongo import auth_error, classify
 from stockflow.outcomes import Outcome, dead_letter_headers, source_of
 from stockflow.planner import MARKER, Decision, Entry, Plan, ProductChange, plan_batch
 from stockflow.retry import CircuitBreaker
@@ -182,7 +188,15 @@ class Applier:
             decisions = self._apply(entries)
         except PyMongoError as exc:
             # An outage, however long, is waited out; only an error about the batch itself
-            # goes on to the retries that end in dead letters (``mongo.classify``).
+            # goes on to the retries that end in dead letters (``mongo.classify``); a refusal
+            # of the credentials stops the worker (exit 78), whatever the messages are.
+            refused = auth_error(exc)
+            if refused is not None:
+                raise AccessDeniedError(
+                    f"MongoDB refused stockflow's credentials or permissions ({refused} on "
+                    f"database {self.settings.database}): check the user and password in "
+                    "MONGODB_URI and that user's roles"
+                ) from exc
             why = classify(exc)
             if why is not None:
                 raise TransientError(f"MongoDB unavailable ({why}): {exc}") from exc

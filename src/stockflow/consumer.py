@@ -46,7 +46,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from stockflow import kafka_clients
 from stockflow.config import Settings
-from stockflow.errors import ServiceUnavailableError, TransientError
+from stockflow.errors import ConfigError, ServiceUnavailableError, TransientError
 from stockflow.outcomes import (
     H_REASON,
     Headers,
@@ -689,6 +689,8 @@ class TransactionalLoop:
                 self._pause(consumer, consumer.assignment())
                 if not self._wait(consumer, delay):
                     return None
+            except ConfigError:
+                raise  # no message is at fault: the worker stops (exit 78), nothing committed
             except Exception as exc:
                 failures += 1
                 log.error(
@@ -714,6 +716,8 @@ class TransactionalLoop:
                 except TransientError as exc:
                     self.handler.breaker.failed(exc)
                     return None  # redo the whole batch once the outage is over
+                except ConfigError:
+                    raise
                 except Exception as exc:
                     if attempt < self.settings.max_attempts:
                         continue

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from stockflow.applier import Applier
 from stockflow.config import Settings
 from stockflow.consumer import LoopStats, TransactionalLoop
+from stockflow.errors import ConfigError
 from stockflow.ledger import Ledger
 from stockflow.pipeline import Pipeline
 from stockflow.planner import Decision
@@ -211,6 +212,9 @@ class Worker:
             if name == "router" and max_messages is not None and "applier" in self.loops:
                 self.loops["applier"].max_messages = result.counts["routed"]
         except BaseException as exc:
-            log.exception("%s stopped with an error", name)
+            if isinstance(exc, ConfigError):  # one line, said once by whoever runs the worker
+                log.debug("%s stopped: %s", name, exc)
+            else:
+                log.exception("%s stopped with an error", name)
             self.errors.append(exc)
             self.stop()

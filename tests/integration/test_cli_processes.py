@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import psutil
 import pytest
@@ -98,6 +99,22 @@ def test_a_worker_that_cannot_reach_kafka_exits_75_to_be_restarted(
     assert result.returncode == EXIT_TEMPFAIL, result.stderr
     assert "cannot reach Kafka at 127.0.0.1:9" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_refused_mongodb_user_exits_78_with_one_line_and_no_restart(
+    settings: Settings, worker_env: dict[str, str]
+) -> None:
+    """Credentials the database refuses are a configuration error, not an outage: the
+    supervised worker gives up at once (before: exit 75 and restarts forever)."""
+    address = urlsplit(settings.mongodb_url).netloc.rpartition("@")[2]
+    uri = f"mongodb://nobody:MongoPw1x@{address}/?authMechanism=PLAIN"
+    result = stockflow("consume", env={**worker_env, "MONGODB_URI": uri}, timeout=60)
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert "refused stockflow's credentials" in result.stderr
+    assert "restarting in" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert_no_secret(result.stdout + result.stderr)
 
 
 def test_the_supervisor_gives_up_on_a_worker_with_a_configuration_error() -> None:

@@ -23,7 +23,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 from stockflow.config import Settings
 from stockflow.consumer import Handled, Output, TransactionalLoop
-from stockflow.errors import TransientError
+from stockflow.errors import AccessDeniedError, TransientError
 from stockflow.outcomes import dead_letter_headers, header_map, source_of
 from stockflow.retry import Backoff, CircuitBreaker, CircuitState
 from stockflow.watchdog import EXIT_STUCK
@@ -163,6 +163,24 @@ def test_a_poison_message_is_dead_lettered_after_bounded_retries_and_its_neighbo
     assert headers["stockflow.dlq.source.offset"] == "1"
     assert headers["stockflow.dlq.attempts"] == "3"
     assert len(kafka.commits) == 1  # one transaction: outputs, the dead letter and offsets
+
+
+def test_a_configuration_error_stops_the_loop_and_dead_letters_nothing() -> None:
+    """A rotated password makes every batch fail: no message is at fault, so none may be
+    dead-lettered (before: 5 of 5 valid messages were); the loop stops with the error."""
+    kafka = FakeKafka()
+    kafka.add(IN, 0, b"a", b"b", b"c", b"d", b"e")
+
+    def fail(_: Sequence[Any]) -> None:
+        raise AccessDeniedError("MongoDB refused stockflow's credentials")
+
+    handler = EchoHandler(fail)
+    loop = make_loop(kafka, handler)
+    with pytest.raises(AccessDeniedError):
+        loop.run(idle_timeout=2)
+    assert kafka.outputs == [] and kafka.commits == []
+    assert len(handler.calls) == 1  # not retried, not handled one by one
+    assert kafka.consumers[0].closed
 
 
 # --- transactions ---
