@@ -46,7 +46,12 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from stockflow import kafka_clients
 from stockflow.config import Settings
-from stockflow.errors import ConfigError, ServiceUnavailableError, TransientError
+from stockflow.errors import (
+    AccessDeniedError,
+    ConfigError,
+    ServiceUnavailableError,
+    TransientError,
+)
 from stockflow.outcomes import (
     H_REASON,
     Headers,
@@ -437,6 +442,13 @@ class TransactionalLoop:
             return True
         if error.code() == KafkaError._PARTITION_EOF:
             return False
+        refused = kafka_clients.auth_error(error)
+        if refused is not None:
+            raise AccessDeniedError(
+                f"{self.handler.name}: Kafka refused stockflow's credentials or permissions "
+                f"({refused}): check KAFKA_BOOTSTRAP_SERVERS and the SASL settings, and the "
+                "user's ACLs"
+            )
         if error.fatal():
             raise ServiceUnavailableError(
                 f"{self.handler.name}: Kafka consumer failed: {error.str()}"

@@ -111,19 +111,50 @@ def supervise(
             return status
 
 
-def is_transient_exit(exc: BaseException) -> bool:
-    """True when a worker that died of ``exc`` should be restarted (after a backoff): a
-    service was unreachable or a call failed in a way that says "not now"."""
+def exit_for(exc: BaseException) -> tuple[int, str] | None:
+    """The exit status and one line for a worker that died of ``exc``; None when ``exc`` is
+    none of the known causes (a bug, or an error stockflow explains elsewhere).
+
+    - a service refusing stockflow's credentials or permissions (Kafka's SASL and ACL errors,
+      MongoDB's AuthenticationFailed and Unauthorized): ``EXIT_CONFIG``, restarting would fail
+      the same way;
+    - a service unreachable, slow or failing over (a host that never resolves included: it may
+      yet appear): ``EXIT_TEMPFAIL``, restarted after a backoff, the line naming what is away.
+    """
     from confluent_kafka import KafkaException
+    from pymongo.errors import ConnectionFailure, PyMongoError
 
-    from stockflow.mongo import is_transient
+    from stockflow import kafka_clients, mongo
 
-    if isinstance(exc, ServiceUnavailableError | TransientError) or is_transient(exc):
-        return True
+    refused = kafka_clients.auth_error(exc)
+    if refused is not None:
+        return EXIT_CONFIG, (
+            f"Kafka refused stockflow's credentials or permissions ({refused}): check "
+            "KAFKA_BOOTSTRAP_SERVERS and the SASL settings, and the user's ACLs"
+        )
+    refused = mongo.auth_error(exc)
+    if refused is not None:
+        return EXIT_CONFIG, (
+            f"MongoDB refused stockflow's credentials or permissions ({refused}): check the "
+            "user and password in MONGODB_URI and that user's roles"
+        )
+    if isinstance(exc, ServiceUnavailableError | TransientError):
+        return EXIT_TEMPFAIL, _one_line(str(exc))
+    if isinstance(exc, ConnectionFailure):
+        return EXIT_TEMPFAIL, f"MongoDB unreachable: {_one_line(str(exc))}"
+    if isinstance(exc, PyMongoError) and mongo.is_transient(exc):
+        return EXIT_TEMPFAIL, f"MongoDB unavailable: {_one_line(str(exc))}"
     if isinstance(exc, KafkaException) and exc.args:
         error = exc.args[0]
-        return not (hasattr(error, "fatal") and error.fatal())
-    return False
+        if not (hasattr(error, "fatal") and error.fatal()):
+            return EXIT_TEMPFAIL, f"Kafka unavailable: {_one_line(str(error))}"
+    return None
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one line, without pymongo's topology description or full error reply."""
+    text = text.split(", Timeout:")[0].split(", full error:")[0]
+    return " ".join(text.split())[:300]
 
 
 def _set_parent_death_signal(signum: int) -> bool:
