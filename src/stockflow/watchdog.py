@@ -13,23 +13,28 @@ consume``'s supervisor, or another member) redoes it idempotently.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-log = logging.getLogger(__name__)
-
 EXIT_STUCK = 75
 """Exit status of a worker a call of which hung (EX_TEMPFAIL: restart it)."""
 
 
 def exit_stuck(what: str) -> None:
-    """End the process now: the hung call cannot be interrupted, and nothing was committed."""
-    log.critical("%s: exiting (status %d) so that a fresh worker takes over", what, EXIT_STUCK)
-    logging.shutdown()
+    """End the process now: the hung call cannot be interrupted, and nothing was committed.
+
+    Says why with one best-effort, non-blocking write to stderr and exits: never through
+    ``logging``, whose handler lock a hung log write (stderr a pipe nobody reads) may hold.
+    """
+    line = f"{what}: exiting (status {EXIT_STUCK}) so that a fresh worker takes over\n"
+    try:
+        os.set_blocking(2, False)
+        os.write(2, line.encode(errors="replace"))
+    except OSError:
+        pass  # stderr closed or full: the exit status says it
     os._exit(EXIT_STUCK)
 
 
