@@ -82,33 +82,38 @@ def supervise(
         if child is not None and child.poll() is None:
             child.send_signal(signum)
 
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    backoff = Backoff(base=1.0, cap=30.0)
-    base = list(command or [sys.executable, "-m", "stockflow", "consume", "--no-supervise"])
-    while True:
-        started = time.monotonic()
-        child = subprocess.Popen([*base, "--supervisor-pid", str(os.getpid()), *args])
-        status = child.wait()
-        decision = verdict(status, stopping=stopping)
-        if decision is Verdict.DONE:
-            return status
-        if decision is Verdict.GIVE_UP:
-            say(
-                f"worker stopped on a configuration error (status {status}); "
-                "not restarting it: fix the setting it named and start again"
-            )
-            return status
-        if time.monotonic() - started > HEALTHY_SECONDS:
-            backoff.reset()
-        delay = backoff.next_delay()
-        cause = f"signal {signal.Signals(-status).name}" if status < 0 else f"status {status}"
-        say(f"worker exited ({cause}); restarting in {delay:.1f}s")
-        deadline = time.monotonic() + delay
-        while time.monotonic() < deadline and not stopping:
-            time.sleep(0.1)
-        if stopping:
-            return status
+    # Forward SIGINT/SIGTERM to the child while it runs; put back what was there on return.
+    replaced = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        backoff = Backoff(base=1.0, cap=30.0)
+        base = list(command or [sys.executable, "-m", "stockflow", "consume", "--no-supervise"])
+        while True:
+            started = time.monotonic()
+            child = subprocess.Popen([*base, "--supervisor-pid", str(os.getpid()), *args])
+            status = child.wait()
+            decision = verdict(status, stopping=stopping)
+            if decision is Verdict.DONE:
+                return status
+            if decision is Verdict.GIVE_UP:
+                say(
+                    f"worker stopped on a configuration error (status {status}); "
+                    "not restarting it: fix the setting it named and start again"
+                )
+                return status
+            if time.monotonic() - started > HEALTHY_SECONDS:
+                backoff.reset()
+            delay = backoff.next_delay()
+            cause = f"signal {signal.Signals(-status).name}" if status < 0 else f"status {status}"
+            say(f"worker exited ({cause}); restarting in {delay:.1f}s")
+            deadline = time.monotonic() + delay
+            while time.monotonic() < deadline and not stopping:
+                time.sleep(0.1)
+            if stopping:
+                return status
+
+    finally:
+        for signum, handler in replaced.items():
+            signal.signal(signum, handler)
 
 
 def exit_for(exc: BaseException) -> tuple[int, str] | None:

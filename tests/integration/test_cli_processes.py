@@ -181,6 +181,8 @@ def test_sigkill_of_the_supervisor_takes_the_worker_with_it(worker_env: dict[str
     try:
         child = _worker_child(psutil.Process(proc.pid))
         time.sleep(3)  # let it get going (pipeline open, groups joined)
+        assert child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+        assert proc.poll() is None  # the supervisor too: the kill below is what ends them
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         _, alive = psutil.wait_procs([child], timeout=15)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import signal
+import sys
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 from pymongo.errors import OperationFailure, ServerSelectionTimeoutError
 
 from stockflow.errors import EXIT_CONFIG, EXIT_TEMPFAIL, ServiceUnavailableError, TransientError
-from stockflow.supervisor import Verdict, exit_for, verdict
+from stockflow.supervisor import Verdict, exit_for, supervise, verdict
 from stockflow.watchdog import EXIT_STUCK
 
 
@@ -87,3 +88,20 @@ def test_a_host_that_never_resolves_is_named_in_the_line() -> None:
 def test_a_bug_is_not_a_restart() -> None:
     assert exit_for(ValueError("a bug")) is None
     assert exit_for(_kafka(KafkaError._FATAL, "fenced", fatal=True)) is None
+
+
+def test_supervise_restores_the_signal_handlers_it_replaced() -> None:
+    """supervise() forwards SIGINT/SIGTERM to its child while it runs, and puts back what was
+    there before when it returns (before: its handlers stayed in the calling process)."""
+
+    def mine(signum: int, frame: object) -> None:
+        raise AssertionError("not called")
+
+    before = {s: signal.signal(s, mine) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        supervise([], say=lambda _: None, command=[sys.executable, "-c", "pass"])
+        assert signal.getsignal(signal.SIGINT) is mine
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
