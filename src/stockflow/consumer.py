@@ -22,11 +22,13 @@ A message that keeps failing for a non-transient reason is retried ``max_attempt
 then handled alone, and if it still fails, dead-lettered with the reason.
 
 Every call that could hang has a deadline (``watchdog``): the handler's work on a batch
-(its MongoDB and Redis calls; ``handler_timeout_seconds``) and each Kafka transaction. A call
-past its deadline, or still running ``stop_grace_seconds`` after a stop was asked, ends the
-process with ``EXIT_STUCK`` before anything of the batch is committed; the supervisor
-(``stockflow consume``) starts a fresh worker, and the batch's next owner redoes it
-idempotently.
+(its MongoDB and Redis calls; ``handler_timeout_seconds``) and each blocking Kafka call
+(``kafka_call_seconds``), one by one. Waiting for Kafka to come back (a new producer, the
+backoff between commit attempts) is under no deadline: like a MongoDB outage, a Kafka outage
+is waited out however long, and a stop ends the wait at once. A call past its deadline, or
+still running ``stop_grace_seconds`` after a stop was asked, ends the process with
+``EXIT_STUCK`` before anything of the batch is committed; the supervisor (``stockflow
+consume``) starts a fresh worker, and the batch's next owner redoes it idempotently.
 """
 
 from __future__ import annotations
@@ -256,8 +258,10 @@ class TransactionalLoop:
         changed in place, so that ``paused`` can read it from another thread."""
         self.on_stuck: Callable[[str], None] = exit_stuck
         """Called (from the watchdog thread) when a call hangs (``watchdog``)."""
-        self.transaction_seconds = 3 * settings.kafka_timeout_seconds + 10
-        """Deadline of one Kafka transaction (its calls have ``kafka_timeout_seconds`` each)."""
+        self.kafka_call_seconds = settings.kafka_timeout_seconds + 10
+        """Deadline of each blocking Kafka call (given ``kafka_timeout_seconds`` itself, which
+        librdkafka can overrun when its coordinator went away). Waiting for Kafka to come back
+        (a new producer) has no deadline: an outage is waited out, however long."""
         self._watchdog = Watchdog(handler.name)
         client_id = f"stockflow-{handler.name}"
         self._consumer_config = kafka_clients.loop_consumer(
@@ -383,10 +387,11 @@ class TransactionalLoop:
         try:
             if watchdog.fired is not None:
                 return  # a call hung: closing could hang too, and nothing is left to save
-            with watchdog.deadline("closing the Kafka clients", self.transaction_seconds):
-                try:
+            try:
+                with watchdog.deadline("closing the Kafka consumer", self.kafka_call_seconds):
                     consumer.close()
-                finally:
+            finally:
+                with watchdog.deadline("closing the Kafka producer", self.kafka_call_seconds):
                     _close_quietly(producer)
         except CallAbandoned:
             pass
@@ -457,18 +462,29 @@ class TransactionalLoop:
         return False
 
     def _new_producer(self) -> ProducerLike:
+        """A producer whose transactions are initialised: waits (circuit open) for Kafka as
+        long as it takes, each attempt under its own deadline, the waits under none; raises
+        _Stopping when asked to stop meanwhile."""
         producer = self._producer_factory(self._producer_config)
         breaker = CircuitBreaker(f"{self.handler.name}: Kafka transactions")
         while True:
             try:
-                with self._watchdog.deadline("initialising transactions", self.transaction_seconds):
+                with self._kafka_call("initialising transactions"):
                     producer.init_transactions(self.settings.kafka_timeout_seconds)
                 breaker.succeeded()
                 return producer
             except KafkaException as exc:
-                if self._stop.is_set():
+                refused = kafka_clients.auth_error(exc)
+                if refused is not None:
+                    raise AccessDeniedError(
+                        f"{self.handler.name}: Kafka refused stockflow's transactional id or "
+                        f"credentials ({refused}): check the SASL settings and the user's ACLs"
+                    ) from None
+                if self._stop.wait(breaker.failed(exc)):
                     raise _Stopping from exc
-                time.sleep(breaker.failed(exc))
+
+    def _kafka_call(self, what: str) -> AbstractContextManager[None]:
+        return self._watchdog.deadline(what, self.kafka_call_seconds)
 
     def _run_batch(self, consumer: ConsumerLike, producer: ProducerLike) -> ProducerLike:
         """Handle and commit the batch in hand; returns the producer to use next."""
@@ -487,8 +503,8 @@ class TransactionalLoop:
         self._in_hand = []
         txn_started = time.monotonic()
         try:
-            with self._watchdog.deadline("a Kafka transaction", self.transaction_seconds):
-                producer, committed = self._transact(consumer, producer, handled, messages)
+            # Each blocking call has its own deadline; a wait for Kafka to come back has none.
+            producer, committed = self._transact(consumer, producer, handled, messages)
         finally:
             self.stats.seconds["transaction"] += time.monotonic() - txn_started
         if not committed:
@@ -522,11 +538,12 @@ class TransactionalLoop:
             rejected: dict[int, str] = {}
             try:
                 self._produce_all(producer, outputs, alone, rejected)
-                producer.send_offsets_to_transaction(
-                    self._owned_offsets(messages),
-                    consumer.consumer_group_metadata(),
-                    self.settings.kafka_timeout_seconds,
-                )
+                with self._kafka_call("a Kafka transaction step (sending the offsets)"):
+                    producer.send_offsets_to_transaction(
+                        self._owned_offsets(messages),
+                        consumer.consumer_group_metadata(),
+                        self.settings.kafka_timeout_seconds,
+                    )
                 self._commit(producer)
                 return producer, True
             except KafkaException as exc:
@@ -550,7 +567,7 @@ class TransactionalLoop:
                     outputs[index] = self._unproducible(outputs[index], rejected[index])
                 alone = (alone | set(rejected)) - guilty
         self._rewind(consumer, messages)
-        time.sleep(0.5)
+        self._stop.wait(0.5)
         return producer, False
 
     def _produce_all(
@@ -566,10 +583,12 @@ class TransactionalLoop:
         timeout = self.settings.kafka_timeout_seconds
         for index, out in enumerate(outputs):
             if index in alone:
-                producer.flush(timeout)
+                with self._kafka_call("a Kafka transaction step (flushing)"):
+                    producer.flush(timeout)
             outputs[index] = self._produce(producer, out, rejected, index)
             if index in alone:
-                producer.flush(timeout)
+                with self._kafka_call("a Kafka transaction step (flushing)"):
+                    producer.flush(timeout)
                 if index in rejected:
                     raise KafkaException(
                         KafkaError(KafkaError._STATE, rejected[index], txn_requires_abort=True)
@@ -585,7 +604,8 @@ class TransactionalLoop:
         if error.txn_requires_abort():
             try:
                 producer.poll(0)  # serve the delivery reports that name rejected outputs
-                producer.abort_transaction(self.settings.kafka_timeout_seconds)
+                with self._kafka_call("a Kafka transaction step (aborting)"):
+                    producer.abort_transaction(self.settings.kafka_timeout_seconds)
                 return producer
             except KafkaException as abort_exc:
                 log.warning("%s: abort failed: %s", self.handler.name, abort_exc)
@@ -611,7 +631,8 @@ class TransactionalLoop:
                 )
                 return out
             except BufferError:
-                producer.poll(0.05)
+                with self._kafka_call("a Kafka transaction step (producing)"):
+                    producer.poll(0.05)
             except KafkaException as exc:
                 if exc.args[0].code() not in UNPRODUCIBLE or replaced:
                     raise  # not about this record, or even its small dead letter is refused
@@ -647,12 +668,14 @@ class TransactionalLoop:
         for attempt in range(5):
             try:
                 self._watchdog.check()  # a step hung past its deadline: never commit after it
-                producer.commit_transaction(self.settings.kafka_timeout_seconds)
+                with self._kafka_call("a Kafka transaction step (committing)"):
+                    producer.commit_transaction(self.settings.kafka_timeout_seconds)
                 return
             except KafkaException as exc:
                 if not exc.args[0].retriable() or attempt == 4:
                     raise
-                time.sleep(0.5 * (attempt + 1))
+                if self._stop.wait(0.5 * (attempt + 1)):
+                    raise
 
     def _rewind(self, consumer: ConsumerLike, messages: Sequence[Message]) -> None:
         """Seek back to the batch's first offsets (partitions still ours) to redo it."""

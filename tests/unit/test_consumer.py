@@ -399,13 +399,60 @@ def test_a_hung_transaction_step_ends_the_worker() -> None:
     release = threading.Event()
     kafka.producer_script = lambda p: p.hang.update(send_offsets_to_transaction=release)
     loop, stuck = _stuck_loop(kafka, EchoHandler())
-    loop.transaction_seconds = 0.3
+    loop.kafka_call_seconds = 0.3
     running = Running(loop)
     _wait_for(lambda: bool(stuck), 5)
     assert "Kafka transaction" in stuck[0]
     release.set()
     running.thread.join(5)
     assert kafka.commits == []
+
+
+def _kafka_outage(kafka: FakeKafka, seconds: float) -> Callable[[], bool]:
+    """Kafka away for ``seconds`` from the first transaction: every call that talks to the
+    broker fails fast (as librdkafka's do with a short timeout). Returns "is it over?"."""
+    began: list[float] = []
+
+    def fault(step: str) -> BaseException | None:
+        if step == "send_offsets_to_transaction" and not began:
+            began.append(time.monotonic())
+        if began and time.monotonic() - began[0] < seconds:
+            time.sleep(0.05)
+            return KafkaException(KafkaError(KafkaError._TRANSPORT, "broker down", retriable=True))
+        return None
+
+    kafka.producer_script = lambda p: setattr(p, "fault", fault)
+    return lambda: bool(began) and time.monotonic() - began[0] >= seconds
+
+
+def test_a_kafka_outage_longer_than_a_calls_deadline_is_waited_out() -> None:
+    """Each blocking Kafka call has its own deadline; waiting for a new producer has none
+    (before: one deadline covered the transaction, the retries and the wait for a producer,
+    and a 20 s outage with a 1 s Kafka timeout fired the watchdog at 13.4 s)."""
+    kafka = FakeKafka()
+    kafka.add(IN, 0, b"a", b"b")
+    over = _kafka_outage(kafka, 2.5)
+    handler = EchoHandler()
+    loop, stuck = _stuck_loop(kafka, handler)
+    loop.kafka_call_seconds = 1.0  # each call fails fast; the outage lasts 2.5 of them
+    Running(loop).until(committed_everything(kafka), timeout=30)
+    assert stuck == [] and over()
+    assert kafka.values() == [b"a", b"b"]  # once each: the failed attempts were aborted
+    assert len(kafka.producers) >= 2  # the producer was replaced after the failed abort
+
+
+def test_a_stop_while_waiting_out_a_kafka_outage_returns_at_once() -> None:
+    kafka = FakeKafka()
+    kafka.add(IN, 0, b"a")
+    _kafka_outage(kafka, 60)
+    loop, stuck = _stuck_loop(kafka, EchoHandler())
+    loop.kafka_call_seconds = 1.0
+    running = Running(loop)
+    _wait_for(lambda: len(kafka.producers) >= 2, 10)  # waiting for a new producer
+    time.sleep(0.5)
+    began = time.monotonic()
+    running.stop()
+    assert time.monotonic() - began < 3 and stuck == [] and kafka.commits == []
 
 
 def test_sigterm_ends_a_worker_process_whose_handler_hangs(tmp_path: Path) -> None:
