@@ -163,6 +163,9 @@ class Applier:
         self.seconds: defaultdict[str, float] = defaultdict(float)
         """Seconds spent in each step of handling batches (for benchmarks and metrics)."""
         self._last_tick = time.perf_counter()
+        self.on_progress: Callable[[], None] = lambda: None
+        """Called after each step of a batch (the loop's watchdog: a slow batch that makes
+        progress is not a hung one)."""
         self.listeners: list[Callable[[Decision], None]] = []
         """Called with each decision once its batch is committed (demo, tests, metrics)."""
 
@@ -264,6 +267,7 @@ class Applier:
         now = time.perf_counter()
         self.seconds[step] += now - self._last_tick
         self._last_tick = now
+        self.on_progress()
 
     @staticmethod
     def _unwritten(

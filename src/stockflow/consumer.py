@@ -275,10 +275,16 @@ class TransactionalLoop:
     def stop(self) -> None:
         """Finish or abandon the batch in hand safely, then return from run().
 
-        A call still running ``stop_grace_seconds`` later is given up by the watchdog (by
-        default: the process exits with ``EXIT_STUCK``, nothing of the batch committed)."""
+        A batch that keeps making progress is finished; a call that makes none for
+        ``stop_grace_seconds`` is given up by the watchdog (by default: the process exits with
+        ``EXIT_STUCK``, nothing of the batch committed)."""
         self._stop.set()
         self._watchdog.stopping()
+
+    def progress(self) -> None:
+        """The batch in hand made progress (the handler finished a step of it): its deadline,
+        and the grace period after a stop, count again from now. Any thread may call it."""
+        self._watchdog.touch()
 
     @property
     def stopping(self) -> bool:

@@ -131,6 +131,8 @@ class Worker:
                 group_id=settings.group_id,
                 start_offsets=end_offsets(settings, commands) if start_at_end else None,
             )
+            # Each finished MongoDB step is progress: only a call that hangs trips the watchdog.
+            self.applier.on_progress = self.loops["applier"].progress
         if "router" in self.loops and "applier" in self.loops:
             # Commands routed while the applier is busy would only wait for it: let the router
             # fill its batch meanwhile (bounded), for fewer transactions.
