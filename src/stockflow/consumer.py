@@ -18,8 +18,10 @@ Both stages of stockflow run this loop with their own handler. For each batch:
    is handled again (idempotently) rather than lost;
 5. call the handler's ``on_commit`` hook (log lines, counts).
 
-A message that keeps failing for a non-transient reason is retried ``max_attempts`` times,
-then handled alone, and if it still fails, dead-lettered with the reason.
+A batch that keeps failing for a non-transient reason is retried ``max_attempts`` times, then
+handled in halves, recursively (a poison message is isolated in O(log n) handler calls, the
+group served between them); a message that still fails alone ``max_attempts`` times is
+dead-lettered with the reason.
 
 Every call that could hang has a deadline (``watchdog``): the handler's work on a batch
 (its MongoDB and Redis calls; ``handler_timeout_seconds``) and each blocking Kafka call
@@ -742,40 +744,60 @@ class TransactionalLoop:
                     if not self._wait(consumer, 0.2 * failures):
                         return None
                     continue
-                alone = self._one_by_one(messages)
+                alone = self._bisect(consumer, messages)
                 return None if alone is None else (alone, messages)
 
-    def _one_by_one(self, messages: list[Message]) -> Handled | None:
-        """Handle each message alone; dead-letter those that still fail."""
+    def _bisect(self, consumer: ConsumerLike, messages: list[Message]) -> Handled | None:
+        """Handle a batch that keeps failing in halves, recursively, so that a poison message
+        is isolated in O(log n) handler calls; dead-letter a message that still fails alone
+        ``max_attempts`` times. The group is served (a poll, new messages paused and rewound)
+        before each call, so that a long isolation never passes ``max.poll.interval.ms``.
+
+        None when the batch must be dropped: a transient failure (redo it once the outage is
+        over), a stop, or a partition of it revoked meanwhile (its next owner redoes it).
+        """
         merged = Handled(outputs=[])
         hooks: list[Callable[[], None]] = []
-        for message in messages:
-            for attempt in range(1, self.settings.max_attempts + 1):
-                try:
-                    with self._handler_deadline():
-                        handled = self.handler.handle([message])
-                except TransientError as exc:
-                    self.handler.breaker.failed(exc)
-                    return None  # redo the whole batch once the outage is over
-                except ConfigError:
-                    raise
-                except Exception as exc:
-                    if attempt < self.settings.max_attempts:
-                        continue
-                    reason = f"failed {attempt} times: {type(exc).__name__}: {exc}"
-                    log.error("%s: dead-lettering %s[%s]@%s: %s\n%s",
-                        self.handler.name, message.topic(), message.partition(),
-                        message.offset(), reason, traceback.format_exc(limit=3),
-                    )  # fmt: skip
-                    merged.outputs.append(self.handler.dead_letter(message, reason, attempt))
-                    merged.counts["dead_lettered"] += 1
-                    break
-                self.handler.breaker.succeeded()
-                merged.outputs += handled.outputs
-                merged.counts.update(handled.counts)
-                if handled.on_commit:
-                    hooks.append(handled.on_commit)
-                break
+        half = len(messages) // 2
+        pending = [messages[:half], messages[half:]] if half else [messages]
+        tries: dict[int, int] = {}
+        """Attempts of each message that failed alone (by identity)."""
+        while pending:
+            part = pending.pop(0)
+            if not self._wait(consumer, 0) or len(self._in_hand) != len(messages):
+                return None  # asked to stop, or a partition of the batch was revoked
+            try:
+                with self._handler_deadline():
+                    handled = self.handler.handle(part)
+            except TransientError as exc:
+                self.handler.breaker.failed(exc)
+                return None  # redo the whole batch once the outage is over
+            except ConfigError:
+                raise
+            except Exception as exc:
+                if len(part) > 1:
+                    middle = len(part) // 2
+                    pending[:0] = [part[:middle], part[middle:]]
+                    continue
+                message = part[0]
+                attempt = tries[id(message)] = tries.get(id(message), 1) + 1
+                if attempt <= self.settings.max_attempts:
+                    pending.insert(0, part)
+                    continue
+                attempts = attempt - 1
+                reason = f"failed {attempts} times: {type(exc).__name__}: {exc}"
+                log.error("%s: dead-lettering %s[%s]@%s: %s\n%s",
+                    self.handler.name, message.topic(), message.partition(),
+                    message.offset(), reason, traceback.format_exc(limit=3),
+                )  # fmt: skip
+                merged.outputs.append(self.handler.dead_letter(message, reason, attempts))
+                merged.counts["dead_lettered"] += 1
+                continue
+            self.handler.breaker.succeeded()
+            merged.outputs += handled.outputs
+            merged.counts.update(handled.counts)
+            if handled.on_commit:
+                hooks.append(handled.on_commit)
 
         def run_hooks() -> None:
             for hook in hooks:
@@ -790,13 +812,14 @@ class TransactionalLoop:
         A revocation served here removes the revoked partitions' messages from the batch in
         hand (``_on_revoke``)."""
         deadline = time.monotonic() + delay
-        while time.monotonic() < deadline:
+        while True:  # at least one poll, even for no delay: the group is served
             if self._stop.is_set():
                 return False
-            # Paused partitions return nothing; newly assigned ones could, so rewind those.
-            message = consumer.poll(0.1)
+            # Paused partitions return nothing; others could, so rewind and pause those.
+            message = consumer.poll(max(0.0, min(0.1, deadline - time.monotonic())))
             if message is not None and message.error() is None:
                 s = source_of(message)
                 consumer.seek(TopicPartition(s.topic, s.partition, s.offset))
                 self._pause(consumer, [TopicPartition(s.topic, s.partition)])
-        return True
+            if time.monotonic() >= deadline:
+                return True

@@ -7,6 +7,7 @@ loops' real runs against Kafka are covered by the integration and chaos suites.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import signal
 import subprocess
@@ -154,8 +155,10 @@ def test_a_poison_message_is_dead_lettered_after_bounded_retries_and_its_neighbo
     Running(make_loop(kafka, handler, max_attempts=3)).until(committed_everything(kafka))
     batch = handler.calls[0]
     assert handler.calls[:3] == [batch] * 3  # bounded retries of the batch
-    alone = handler.calls[3:]
-    assert alone.count([(0, 1)]) == 3 and all(len(c) == 1 for c in alone)
+    after = handler.calls[3:]  # then halves, down to the poison alone, tried 3 times
+    assert after.count([(0, 1)]) == 3
+    passed = [p_o for call in after if (0, 1) not in call for p_o in call]
+    assert sorted(passed) == [(0, 0), (0, 2), (1, 0)]  # each neighbour handled once more
     assert sorted(kafka.values("out")) == [b"a", b"c", b"d"]
     [letter] = [o for o in kafka.outputs if o.topic == "dlq"]
     headers = header_map(letter.headers)
@@ -181,6 +184,44 @@ def test_a_configuration_error_stops_the_loop_and_dead_letters_nothing() -> None
     assert kafka.outputs == [] and kafka.commits == []
     assert len(handler.calls) == 1  # not retried, not handled one by one
     assert kafka.consumers[0].closed
+
+
+def test_poison_is_isolated_by_halving_in_a_few_calls_and_the_group_is_served_between() -> None:
+    """A failing batch of 64 is split in halves, not handled one by one (before: 64 single
+    calls, none of which polled Kafka: 5,000 of them could pass max.poll.interval.ms)."""
+    kafka = FakeKafka()
+    values = [f"m{i}".encode() for i in range(64)]
+    values[37] = b"poison"
+    kafka.add(IN, 0, *values)
+    polls: list[int] = []
+
+    def fail(messages: Sequence[Any]) -> None:
+        polls.append(kafka.consumers[0].polls)
+        if any(m.value() == b"poison" for m in messages):
+            raise ValueError("cannot handle poison")
+
+    handler = EchoHandler(fail)
+    Running(make_loop(kafka, handler, max_attempts=3)).until(committed_everything(kafka))
+    after = handler.calls[3:]
+    assert len(after) <= 2 * 6 + 2, len(after)  # two halves a level, log2(64) levels, retries
+    assert sorted(kafka.values("out")) == sorted(v for v in values if v != b"poison")
+    assert [o.value for o in kafka.outputs if o.topic == "dlq"] == [b"poison"]
+    assert all(a < b for a, b in itertools.pairwise(polls[2:])), polls  # served
+
+
+def test_two_poison_messages_are_both_dead_lettered_and_the_rest_kept_in_order() -> None:
+    kafka = FakeKafka()
+    values = [f"m{i}".encode() for i in range(10)]
+    values[2] = values[7] = b"poison"
+    kafka.add(IN, 0, *values)
+
+    def fail(messages: Sequence[Any]) -> None:
+        if any(m.value() == b"poison" for m in messages):
+            raise ValueError("cannot handle poison")
+
+    Running(make_loop(kafka, EchoHandler(fail))).until(committed_everything(kafka))
+    assert kafka.values("out") == [v for v in values if v != b"poison"]
+    assert kafka.values("dlq") == [b"poison", b"poison"] and len(kafka.commits) == 1
 
 
 # --- transactions ---
