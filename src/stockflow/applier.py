@@ -40,10 +40,16 @@ from stockflow.cache import ProductCache, product_version
 from stockflow.config import Settings
 from stockflow.consumer import Handled, Output
 from stockflow.deadletters import DeadLetterStore, FittedLetter, build, size_limit
-from stockflow.errors import ConcurrentWriteError, InvalidOrderError, TopicError, TransientError
+from stockflow.errors import (
+    AccessDeniedError,
+    ConcurrentWriteError,
+    InvalidOrderError,
+    TopicError,
+    TransientError,
+)
 from stockflow.inventory import Inventory, Product
 from stockflow.ledger import Ledger, to_event
-from stockflow.mongo import classify
+from stockflow.mongo import auth_error, classify
 from stockflow.orders import Command
 from stockflow.outcomes import Outcome, source_of
 from stockflow.planner import MARKER, Decision, Entry, Plan, ProductChange, plan_batch
@@ -164,6 +170,9 @@ class Applier:
         self.seconds: defaultdict[str, float] = defaultdict(float)
         """Seconds spent in each step of handling batches (for benchmarks and metrics)."""
         self._last_tick = time.perf_counter()
+        self.on_progress: Callable[[], None] = lambda: None
+        """Called after each step of a batch (the loop's watchdog: a slow batch that makes
+        progress is not a hung one)."""
         self.listeners: list[Callable[[Decision], None]] = []
         """Called with each decision once its batch is committed (demo, tests, metrics)."""
 
@@ -198,7 +207,15 @@ class Applier:
             decisions = self._apply(entries)
         except PyMongoError as exc:
             # An outage, however long, is waited out; only an error about the batch itself
-            # goes on to the retries that end in dead letters (``mongo.classify``).
+            # goes on to the retries that end in dead letters (``mongo.classify``); a refusal
+            # of the credentials stops the worker (exit 78), whatever the messages are.
+            refused = auth_error(exc)
+            if refused is not None:
+                raise AccessDeniedError(
+                    f"MongoDB refused stockflow's credentials or permissions ({refused} on "
+                    f"database {self.settings.database}): check the user and password in "
+                    "MONGODB_URI and that user's roles"
+                ) from exc
             why = classify(exc)
             if why is not None:
                 raise TransientError(f"MongoDB unavailable ({why}): {exc}") from exc
@@ -270,6 +287,7 @@ class Applier:
         now = time.perf_counter()
         self.seconds[step] += now - self._last_tick
         self._last_tick = now
+        self.on_progress()
 
     @staticmethod
     def _unwritten(

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 from stockflow.config import Settings, load_settings
 from stockflow.errors import (
     EXIT_CONFIG,
-    EXIT_TEMPFAIL,
     ConfigError,
     InvalidOrderError,
     StockflowError,
@@ -471,12 +470,14 @@ def consume(
     try:
         stats = _work(s, roles, idle_timeout, max_messages)
     except Exception as exc:
-        from stockflow.supervisor import is_transient_exit
+        from stockflow.supervisor import exit_for
 
-        if not is_transient_exit(exc):
+        found = exit_for(exc)
+        if found is None:
             raise
-        # A service away or a call that hung: say so, and let the supervisor start afresh.
-        _fail(f"worker stopped: {exc}", EXIT_TEMPFAIL)
+        # A service away (the supervisor starts afresh) or refusing the credentials (78).
+        status, line = found
+        _fail(f"worker stopped: {line}", status)
     err.print(f"[dim]{stats.summary()}[/dim]")
     if stats_file is not None:
         stats_file.write_text(json.dumps(stats.as_dict(), indent=2) + "\n")

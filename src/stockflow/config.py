@@ -233,14 +233,14 @@ class Settings(BaseSettings):
     handler_timeout_seconds: float = Field(
         default=120.0,
         gt=0,
-        description="Longest a stage may take over one batch's MongoDB and Redis work; past "
-        "it the worker exits (status 75) and the batch is redone by a fresh one.",
+        description="Longest a stage's batch may go without progress (a finished MongoDB "
+        "step); past it the worker exits (status 75) and the batch is redone by a fresh one.",
     )
     stop_grace_seconds: float = Field(
         default=10.0,
         gt=0,
-        description="After SIGTERM/SIGINT, how long a call in flight may still take before the "
-        "worker exits (status 75) without committing it.",
+        description="After SIGTERM/SIGINT, how long the batch in hand may go without progress "
+        "before the worker exits (status 75) without committing it.",
     )
 
     # --- what the command line shows (the global -v and --timestamps; children inherit) ---

@@ -18,15 +18,19 @@ Both stages of stockflow run this loop with their own handler. For each batch:
    is handled again (idempotently) rather than lost;
 5. call the handler's ``on_commit`` hook (log lines, counts).
 
-A message that keeps failing for a non-transient reason is retried ``max_attempts`` times,
-then handled alone, and if it still fails, dead-lettered with the reason.
+A batch that keeps failing for a non-transient reason is retried ``max_attempts`` times, then
+handled in halves, recursively (a poison message is isolated in O(log n) handler calls, the
+group served between them); a message that still fails alone ``max_attempts`` times is
+dead-lettered with the reason.
 
 Every call that could hang has a deadline (``watchdog``): the handler's work on a batch
-(its MongoDB and Redis calls; ``handler_timeout_seconds``) and each Kafka transaction. A call
-past its deadline, or still running ``stop_grace_seconds`` after a stop was asked, ends the
-process with ``EXIT_STUCK`` before anything of the batch is committed; the supervisor
-(``stockflow consume``) starts a fresh worker, and the batch's next owner redoes it
-idempotently.
+(its MongoDB and Redis calls; ``handler_timeout_seconds``) and each blocking Kafka call
+(``kafka_call_seconds``), one by one. Waiting for Kafka to come back (a new producer, the
+backoff between commit attempts) is under no deadline: like a MongoDB outage, a Kafka outage
+is waited out however long, and a stop ends the wait at once. A call past its deadline, or
+still running ``stop_grace_seconds`` after a stop was asked, ends the process with
+``EXIT_STUCK`` before anything of the batch is committed; the supervisor (``stockflow
+consume``) starts a fresh worker, and the batch's next owner redoes it idempotently.
 """
 
 from __future__ import annotations
@@ -47,7 +51,12 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from stockflow import kafka_clients
 from stockflow.config import Settings
 from stockflow.deadletters import H_REASON, dead_letter_headers, dead_letter_source, header_map
-from stockflow.errors import ServiceUnavailableError, TransientError
+from stockflow.errors import (
+    AccessDeniedError,
+    ConfigError,
+    ServiceUnavailableError,
+    TransientError,
+)
 from stockflow.outcomes import Headers, Source, source_of
 from stockflow.retry import CircuitBreaker
 from stockflow.watchdog import CallAbandoned, Watchdog, exit_stuck
@@ -245,8 +254,10 @@ class TransactionalLoop:
         changed in place, so that ``paused`` can read it from another thread."""
         self.on_stuck: Callable[[str], None] = exit_stuck
         """Called (from the watchdog thread) when a call hangs (``watchdog``)."""
-        self.transaction_seconds = 3 * settings.kafka_timeout_seconds + 10
-        """Deadline of one Kafka transaction (its calls have ``kafka_timeout_seconds`` each)."""
+        self.kafka_call_seconds = settings.kafka_timeout_seconds + 10
+        """Deadline of each blocking Kafka call (given ``kafka_timeout_seconds`` itself, which
+        librdkafka can overrun when its coordinator went away). Waiting for Kafka to come back
+        (a new producer) has no deadline: an outage is waited out, however long."""
         self._watchdog = Watchdog(handler.name)
         client_id = f"stockflow-{handler.name}"
         self._consumer_config = kafka_clients.loop_consumer(
@@ -260,10 +271,16 @@ class TransactionalLoop:
     def stop(self) -> None:
         """Finish or abandon the batch in hand safely, then return from run().
 
-        A call still running ``stop_grace_seconds`` later is given up by the watchdog (by
-        default: the process exits with ``EXIT_STUCK``, nothing of the batch committed)."""
+        A batch that keeps making progress is finished; a call that makes none for
+        ``stop_grace_seconds`` is given up by the watchdog (by default: the process exits with
+        ``EXIT_STUCK``, nothing of the batch committed)."""
         self._stop.set()
         self._watchdog.stopping()
+
+    def progress(self) -> None:
+        """The batch in hand made progress (the handler finished a step of it): its deadline,
+        and the grace period after a stop, count again from now. Any thread may call it."""
+        self._watchdog.touch()
 
     @property
     def stopping(self) -> bool:
@@ -372,10 +389,11 @@ class TransactionalLoop:
         try:
             if watchdog.fired is not None:
                 return  # a call hung: closing could hang too, and nothing is left to save
-            with watchdog.deadline("closing the Kafka clients", self.transaction_seconds):
-                try:
+            try:
+                with watchdog.deadline("closing the Kafka consumer", self.kafka_call_seconds):
                     consumer.close()
-                finally:
+            finally:
+                with watchdog.deadline("closing the Kafka producer", self.kafka_call_seconds):
                     _close_quietly(producer)
         except CallAbandoned:
             pass
@@ -431,6 +449,13 @@ class TransactionalLoop:
             return True
         if error.code() == KafkaError._PARTITION_EOF:
             return False
+        refused = kafka_clients.auth_error(error)
+        if refused is not None:
+            raise AccessDeniedError(
+                f"{self.handler.name}: Kafka refused stockflow's credentials or permissions "
+                f"({refused}): check KAFKA_BOOTSTRAP_SERVERS and the SASL settings, and the "
+                "user's ACLs"
+            )
         if error.fatal():
             raise ServiceUnavailableError(
                 f"{self.handler.name}: Kafka consumer failed: {error.str()}"
@@ -439,18 +464,29 @@ class TransactionalLoop:
         return False
 
     def _new_producer(self) -> ProducerLike:
+        """A producer whose transactions are initialised: waits (circuit open) for Kafka as
+        long as it takes, each attempt under its own deadline, the waits under none; raises
+        _Stopping when asked to stop meanwhile."""
         producer = self._producer_factory(self._producer_config)
         breaker = CircuitBreaker(f"{self.handler.name}: Kafka transactions")
         while True:
             try:
-                with self._watchdog.deadline("initialising transactions", self.transaction_seconds):
+                with self._kafka_call("initialising transactions"):
                     producer.init_transactions(self.settings.kafka_timeout_seconds)
                 breaker.succeeded()
                 return producer
             except KafkaException as exc:
-                if self._stop.is_set():
+                refused = kafka_clients.auth_error(exc)
+                if refused is not None:
+                    raise AccessDeniedError(
+                        f"{self.handler.name}: Kafka refused stockflow's transactional id or "
+                        f"credentials ({refused}): check the SASL settings and the user's ACLs"
+                    ) from None
+                if self._stop.wait(breaker.failed(exc)):
                     raise _Stopping from exc
-                time.sleep(breaker.failed(exc))
+
+    def _kafka_call(self, what: str) -> AbstractContextManager[None]:
+        return self._watchdog.deadline(what, self.kafka_call_seconds)
 
     def _run_batch(self, consumer: ConsumerLike, producer: ProducerLike) -> ProducerLike:
         """Handle and commit the batch in hand; returns the producer to use next."""
@@ -469,8 +505,8 @@ class TransactionalLoop:
         self._in_hand = []
         txn_started = time.monotonic()
         try:
-            with self._watchdog.deadline("a Kafka transaction", self.transaction_seconds):
-                producer, committed = self._transact(consumer, producer, handled, messages)
+            # Each blocking call has its own deadline; a wait for Kafka to come back has none.
+            producer, committed = self._transact(consumer, producer, handled, messages)
         finally:
             self.stats.seconds["transaction"] += time.monotonic() - txn_started
         if not committed:
@@ -504,11 +540,12 @@ class TransactionalLoop:
             rejected: dict[int, str] = {}
             try:
                 self._produce_all(producer, outputs, alone, rejected)
-                producer.send_offsets_to_transaction(
-                    self._owned_offsets(messages),
-                    consumer.consumer_group_metadata(),
-                    self.settings.kafka_timeout_seconds,
-                )
+                with self._kafka_call("a Kafka transaction step (sending the offsets)"):
+                    producer.send_offsets_to_transaction(
+                        self._owned_offsets(messages),
+                        consumer.consumer_group_metadata(),
+                        self.settings.kafka_timeout_seconds,
+                    )
                 self._commit(producer)
                 return producer, True
             except KafkaException as exc:
@@ -532,7 +569,7 @@ class TransactionalLoop:
                     outputs[index] = self._unproducible(outputs[index], rejected[index])
                 alone = (alone | set(rejected)) - guilty
         self._rewind(consumer, messages)
-        time.sleep(0.5)
+        self._stop.wait(0.5)
         return producer, False
 
     def _produce_all(
@@ -548,10 +585,12 @@ class TransactionalLoop:
         timeout = self.settings.kafka_timeout_seconds
         for index, out in enumerate(outputs):
             if index in alone:
-                producer.flush(timeout)
+                with self._kafka_call("a Kafka transaction step (flushing)"):
+                    producer.flush(timeout)
             outputs[index] = self._produce(producer, out, rejected, index)
             if index in alone:
-                producer.flush(timeout)
+                with self._kafka_call("a Kafka transaction step (flushing)"):
+                    producer.flush(timeout)
                 if index in rejected:
                     raise KafkaException(
                         KafkaError(KafkaError._STATE, rejected[index], txn_requires_abort=True)
@@ -567,7 +606,8 @@ class TransactionalLoop:
         if error.txn_requires_abort():
             try:
                 producer.poll(0)  # serve the delivery reports that name rejected outputs
-                producer.abort_transaction(self.settings.kafka_timeout_seconds)
+                with self._kafka_call("a Kafka transaction step (aborting)"):
+                    producer.abort_transaction(self.settings.kafka_timeout_seconds)
                 return producer
             except KafkaException as abort_exc:
                 log.warning("%s: abort failed: %s", self.handler.name, abort_exc)
@@ -593,7 +633,8 @@ class TransactionalLoop:
                 )
                 return out
             except BufferError:
-                producer.poll(0.05)
+                with self._kafka_call("a Kafka transaction step (producing)"):
+                    producer.poll(0.05)
             except KafkaException as exc:
                 if exc.args[0].code() not in UNPRODUCIBLE or replaced:
                     raise  # not about this record, or even its small dead letter is refused
@@ -629,12 +670,14 @@ class TransactionalLoop:
         for attempt in range(5):
             try:
                 self._watchdog.check()  # a step hung past its deadline: never commit after it
-                producer.commit_transaction(self.settings.kafka_timeout_seconds)
+                with self._kafka_call("a Kafka transaction step (committing)"):
+                    producer.commit_transaction(self.settings.kafka_timeout_seconds)
                 return
             except KafkaException as exc:
                 if not exc.args[0].retriable() or attempt == 4:
                     raise
-                time.sleep(0.5 * (attempt + 1))
+                if self._stop.wait(0.5 * (attempt + 1)):
+                    raise
 
     def _rewind(self, consumer: ConsumerLike, messages: Sequence[Message]) -> None:
         """Seek back to the batch's first offsets (partitions still ours) to redo it."""
@@ -683,6 +726,8 @@ class TransactionalLoop:
                 self._pause(consumer, consumer.assignment())
                 if not self._wait(consumer, delay):
                     return None
+            except ConfigError:
+                raise  # no message is at fault: the worker stops (exit 78), nothing committed
             except Exception as exc:
                 failures += 1
                 log.error(
@@ -693,44 +738,66 @@ class TransactionalLoop:
                     if not self._wait(consumer, 0.2 * failures):
                         return None
                     continue
-                alone = self._one_by_one(messages)
+                alone = self._bisect(consumer, messages)
                 return None if alone is None else (alone, messages)
 
-    def _one_by_one(self, messages: list[Message]) -> Handled | None:
-        """Handle each message alone; dead-letter those that still fail."""
+    def _bisect(self, consumer: ConsumerLike, messages: list[Message]) -> Handled | None:
+        """Handle a batch that keeps failing in halves, recursively, so that a poison message
+        is isolated in O(log n) handler calls; dead-letter a message that still fails alone
+        ``max_attempts`` times. The group is served (a poll, new messages paused and rewound)
+        before each call, so that a long isolation never passes ``max.poll.interval.ms``.
+
+        None when the batch must be dropped: a transient failure (redo it once the outage is
+        over), a stop, or a partition of it revoked meanwhile (its next owner redoes it).
+        """
         merged = Handled(outputs=[])
         hooks: list[Callable[[], None]] = []
-        for message in messages:
-            for attempt in range(1, self.settings.max_attempts + 1):
+        half = len(messages) // 2
+        pending = [messages[:half], messages[half:]] if half else [messages]
+        tries: dict[int, int] = {}
+        """Attempts of each message that failed alone (by identity)."""
+        while pending:
+            part = pending.pop(0)
+            if not self._wait(consumer, 0) or len(self._in_hand) != len(messages):
+                return None  # asked to stop, or a partition of the batch was revoked
+            try:
+                with self._handler_deadline():
+                    handled = self.handler.handle(part)
+            except TransientError as exc:
+                self.handler.breaker.failed(exc)
+                return None  # redo the whole batch once the outage is over
+            except ConfigError:
+                raise
+            except Exception as exc:
+                if len(part) > 1:
+                    middle = len(part) // 2
+                    pending[:0] = [part[:middle], part[middle:]]
+                    continue
+                message = part[0]
+                attempt = tries[id(message)] = tries.get(id(message), 1) + 1
+                if attempt <= self.settings.max_attempts:
+                    pending.insert(0, part)
+                    continue
+                attempts = attempt - 1
+                reason = f"failed {attempts} times: {type(exc).__name__}: {exc}"
+                log.error("%s: dead-lettering %s[%s]@%s: %s\n%s",
+                    self.handler.name, message.topic(), message.partition(),
+                    message.offset(), reason, traceback.format_exc(limit=3),
+                )  # fmt: skip
                 try:
-                    with self._handler_deadline():
-                        handled = self.handler.handle([message])
-                except TransientError as exc:
-                    self.handler.breaker.failed(exc)
+                    letter = self.handler.dead_letter(message, reason, attempts)
+                except TransientError as dead_letter_exc:
+                    # The handler keeps dead letters' originals (MongoDB): an outage.
+                    self.handler.breaker.failed(dead_letter_exc)
                     return None  # redo the whole batch once the outage is over
-                except Exception as exc:
-                    if attempt < self.settings.max_attempts:
-                        continue
-                    reason = f"failed {attempt} times: {type(exc).__name__}: {exc}"
-                    log.error("%s: dead-lettering %s[%s]@%s: %s\n%s",
-                        self.handler.name, message.topic(), message.partition(),
-                        message.offset(), reason, traceback.format_exc(limit=3),
-                    )  # fmt: skip
-                    try:
-                        letter = self.handler.dead_letter(message, reason, attempt)
-                    except TransientError as dead_letter_exc:
-                        # The handler keeps dead letters' originals (MongoDB): an outage.
-                        self.handler.breaker.failed(dead_letter_exc)
-                        return None  # redo the whole batch once the outage is over
-                    merged.outputs.append(letter)
-                    merged.counts["dead_lettered"] += 1
-                    break
-                self.handler.breaker.succeeded()
-                merged.outputs += handled.outputs
-                merged.counts.update(handled.counts)
-                if handled.on_commit:
-                    hooks.append(handled.on_commit)
-                break
+                merged.outputs.append(letter)
+                merged.counts["dead_lettered"] += 1
+                continue
+            self.handler.breaker.succeeded()
+            merged.outputs += handled.outputs
+            merged.counts.update(handled.counts)
+            if handled.on_commit:
+                hooks.append(handled.on_commit)
 
         def run_hooks() -> None:
             for hook in hooks:
@@ -745,13 +812,14 @@ class TransactionalLoop:
         A revocation served here removes the revoked partitions' messages from the batch in
         hand (``_on_revoke``)."""
         deadline = time.monotonic() + delay
-        while time.monotonic() < deadline:
+        while True:  # at least one poll, even for no delay: the group is served
             if self._stop.is_set():
                 return False
-            # Paused partitions return nothing; newly assigned ones could, so rewind those.
-            message = consumer.poll(0.1)
+            # Paused partitions return nothing; others could, so rewind and pause those.
+            message = consumer.poll(max(0.0, min(0.1, deadline - time.monotonic())))
             if message is not None and message.error() is None:
                 s = source_of(message)
                 consumer.seek(TopicPartition(s.topic, s.partition, s.offset))
                 self._pause(consumer, [TopicPartition(s.topic, s.partition)])
-        return True
+            if time.monotonic() >= deadline:
+                return True

@@ -11,6 +11,11 @@ class ConfigError(StockflowError):
     """A setting is missing or has a value stockflow cannot use."""
 
 
+class AccessDeniedError(ConfigError):
+    """A service refused stockflow's credentials or permissions: no message is at fault, and
+    waiting or restarting will not help until the setting is fixed."""
+
+
 class StackError(StockflowError):
     """The local stack could not be provisioned, started, stopped or inspected."""
 

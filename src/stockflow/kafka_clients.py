@@ -11,10 +11,36 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from confluent_kafka import KafkaError, KafkaException
+
 from stockflow.config import Settings
 
 Config = dict[str, Any]
 """A librdkafka configuration."""
+
+AUTH_ERRORS = frozenset(
+    {
+        KafkaError._AUTHENTICATION,
+        KafkaError.SASL_AUTHENTICATION_FAILED,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.GROUP_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+        KafkaError.DELEGATION_TOKEN_AUTHORIZATION_FAILED,
+    }
+)
+"""librdkafka's errors that say the broker refuses stockflow's credentials or ACLs: a
+configuration error (exit 78), never an outage to wait out."""
+
+
+def auth_error(error: object) -> str | None:
+    """The name of the refusal when ``error`` (a KafkaError, or a KafkaException carrying one)
+    says the broker refuses stockflow's credentials or permissions; else None."""
+    if isinstance(error, KafkaException) and error.args:
+        error = error.args[0]
+    if isinstance(error, KafkaError) and error.code() in AUTH_ERRORS:
+        return error.name()
+    return None
 
 
 def loop_consumer(settings: Settings, *, group_id: str, client_id: str, **overrides: Any) -> Config:

@@ -1,24 +1,32 @@
 """The MongoDB client and what its errors mean.
 
 Every MongoDB call stockflow makes has a deadline (:func:`mongo_client`), and every error a
-call raises is classified here, in one place, by what it says about the world:
+call raises is classified here, in one place, by what it says about the world. The default is
+to wait: an error is dead-lettered only when it is on a short list of errors about the request
+itself, because dead-lettering a valid order because the database was away, full, read-only or
+refusing a rotated password is the failure this module exists to prevent.
 
-- *transient* (:func:`is_transient`): the server, or the storage behind it, is unreachable,
-  slow, failing over, shutting down or overloaded. Nothing is wrong with the data: the loop
-  keeps the circuit open and retries, however long the outage lasts. Dead-lettering a valid
-  order because the database was away is the failure this module exists to prevent.
-- anything else is about the request itself (a document the server refuses, a value it cannot
-  store): it is retried a few times and then dead-lettered with the reason.
+- *about the request* (:func:`request_error`, the codes of :data:`REQUEST_CODES`): the server
+  refuses this document or this update (a value it cannot store, a document too large or
+  failing validation, a duplicate key). Retried a few times, then dead-lettered.
+- *configuration* (:func:`auth_error`, :data:`AUTH_CODES`): the server refuses stockflow's
+  credentials or permissions. No message is at fault and waiting will not fix it: the worker
+  stops with ``EXIT_CONFIG`` and one line that says which setting to look at.
+- *everything else* (:func:`classify` names why): unreachable, slow, failing over, shutting
+  down, overloaded, out of disk or quota, a storage error of FerretDB's backend, a code nobody
+  listed. The loop keeps the circuit open and retries, however long it lasts.
 
-MongoDB says which errors are which by exception type, error code and error label; FerretDB
-reports its storage going away as an ``InternalError`` (code 1) whose message is the
-PostgreSQL driver's, so for that code the message is read too (see ``BACKEND_DOWN``).
+Only codes, exception types and error labels decide, never the text of a message: a server's
+message can quote the document (``Document failed validation: {...}``), and data must not
+choose between a dead letter and a wait. FerretDB reports its own failures (its PostgreSQL
+away, a statement timeout, a read-only standby, a pool error) as ``InternalError`` (code 1)
+whose message is the driver's; code 1 is not on the request list, so all of them wait.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -36,7 +44,33 @@ from stockflow.config import Settings
 
 Doc = dict[str, Any]
 
+REQUEST_CODES: Mapping[int, str] = {
+    2: "BadValue",
+    9: "FailedToParse",
+    14: "TypeMismatch",
+    22: "InvalidBSON",
+    52: "DollarPrefixedFieldName",
+    55: "InvalidDBRef",
+    56: "EmptyFieldName",
+    57: "DottedFieldName",
+    66: "ImmutableField",
+    121: "DocumentValidationFailure",
+    10334: "BSONObjectTooLarge",
+    11000: "DuplicateKey",
+    17280: "KeyTooLong",
+}
+"""Server error codes that say "not this request": the document or update is refused as it
+is, and sending it again will be refused again. The only codes that lead to a dead letter."""
+
+AUTH_CODES: Mapping[int, str] = {
+    11: "UserNotFound",
+    13: "Unauthorized",
+    18: "AuthenticationFailed",
+}
+"""Server error codes that say stockflow's credentials or permissions are refused."""
+
 TRANSIENT_CODES: Mapping[int, str] = {
+    1: "InternalError",
     6: "HostUnreachable",
     7: "HostNotFound",
     24: "LockTimeout",
@@ -46,137 +80,130 @@ TRANSIENT_CODES: Mapping[int, str] = {
     89: "NetworkTimeout",
     91: "ShutdownInProgress",
     112: "WriteConflict",
-    117: "ConflictingOperationInProgress",
-    133: "FailedToSatisfyReadPreference",
-    134: "ReadConcernMajorityNotAvailableYet",
     189: "PrimarySteppedDown",
-    202: "NetworkInterfaceExceededTimeLimit",
     262: "ExceededTimeLimit",
-    9001: "SocketException",
+    365: "TemporarilyUnavailable",
+    8000: "AtlasError",
     10107: "NotWritablePrimary",
     11600: "InterruptedAtShutdown",
+    11601: "Interrupted",
     11602: "InterruptedDueToReplStateChange",
+    13388: "StaleConfig",
     13435: "NotPrimaryNoSecondaryOk",
-    13436: "NotPrimaryOrSecondary",
-    16500: "RequestRateTooLarge",  # Azure Cosmos DB's MongoDB API: throttled, retry later
+    14031: "OutOfDiskSpace",
+    16500: "RequestRateTooLarge",
 }
-"""Server error codes that mean "not now" rather than "not this": the server is starting,
-stepping down, shutting down, timed out, throttling or lost a write race."""
+"""Names of some codes that wait, for log lines only: every code not in :data:`REQUEST_CODES`
+or :data:`AUTH_CODES` waits, listed here or not."""
 
-TRANSIENT_LABELS = frozenset(
-    {
-        "RetryableWriteError",
-        "TransientTransactionError",
-        "SystemOverloadedError",
-    }
-)
-"""Error labels servers attach to errors that are safe and useful to retry."""
-
-INTERNAL_ERROR = 1
-
-BACKEND_DOWN = re.compile(
-    "|".join(
-        [
-            # Recorded from FerretDB v1.24.2 (postgresql handler) with its PostgreSQL stopped:
-            #   OperationFailure code 1, errmsg "[msg_insert.go:168 handler.(*Handler).MsgInsert]
-            #   failed to connect to `user=postgres database=ferretdb`: 127.0.0.1:5432
-            #   (127.0.0.1): dial error: dial tcp 127.0.0.1:5432: connect: connection refused"
-            # (the same for ping, find and update, only the Go call sites differ). With its
-            # PostgreSQL hung (SIGSTOP) FerretDB answers nothing at all: the client's own
-            # deadline ends the call with NetworkTimeout ("timed out (configured timeouts:
-            # timeoutMS: ...)").
-            r"failed to connect to",
-            r"dial error",
-            r"connection refused",
-            # The PostgreSQL driver (pgx) losing a pooled connection mid-command.
-            r"conn closed",
-            r"conn busy",
-            r"unexpected EOF",
-            r"broken pipe",
-            r"connection reset by peer",
-            r"i/o timeout",
-            r"context deadline exceeded",
-            r"context canceled",
-            r"timeout: context",
-            # PostgreSQL's own: 57P01-57P03 admin/crash shutdown, cannot connect now ("the
-            # database system is starting up"), class 08 connection exceptions, class 53
-            # insufficient resources (too many connections), 40001/40P01 serialisation
-            # failure and deadlock (retry the transaction).
-            r"SQLSTATE 57P0[1-3]",
-            r"SQLSTATE 08\w{3}",
-            r"SQLSTATE 53\w{3}",
-            r"SQLSTATE 40(?:001|P01)",
-            r"the database system is (?:starting up|shutting down|in recovery mode)",
-            # The SQLite handler's "busy" (another connection holds the write lock).
-            r"database is locked",
-            r"SQLITE_BUSY",
-        ]
-    ),
-    re.IGNORECASE,
-)
-"""Messages of FerretDB's ``InternalError`` that mean its storage is away or overloaded."""
+TRANSIENT_LABELS = ("RetryableWriteError", "TransientTransactionError", "SystemOverloadedError")
+"""Error labels servers attach to errors that are safe and useful to retry (they win over a
+request code: the server itself says to try again)."""
 
 
-def _code_transient(code: object, message: str = "") -> bool:
-    if not isinstance(code, int):
-        return False
-    if code in TRANSIENT_CODES:
-        return True
-    return code == INTERNAL_ERROR and BACKEND_DOWN.search(message) is not None
+def _code(code: object) -> int | None:
+    return code if isinstance(code, int) and not isinstance(code, bool) else None
 
 
-def _labels_transient(labels: Iterable[str]) -> bool:
-    return any(label in TRANSIENT_LABELS for label in labels)
-
-
-def _write_error_transient(error: Mapping[str, Any]) -> bool:
-    info = error.get("errInfo")
-    labels = error.get("errorLabels") or ()
-    return (
-        _code_transient(error.get("code"), str(error.get("errmsg", "")))
-        or _labels_transient(labels)
-        or (isinstance(info, Mapping) and bool(info.get("wtimeout")))
-    )
-
-
-def classify(exc: BaseException) -> str | None:
-    """Why ``exc`` is transient (a short name), or None when it is about the request."""
-    if not isinstance(exc, PyMongoError):
-        return None
-    # Connection-level: unreachable, timed out, not primary, pool exhausted, no server.
-    if isinstance(exc, ConnectionFailure):
-        return type(exc).__name__
-    if exc.timeout:  # client-side operation timeout (CSOT) or maxTimeMS on the server
-        return "timeout"
-    labels = [label for label in TRANSIENT_LABELS if exc.has_error_label(label)]
-    if labels:
-        return labels[0]
-    if isinstance(exc, WriteConcernError):  # includes WTimeoutError
-        return "write concern"
-    if isinstance(exc, CursorNotFound):  # the server lost the cursor (restart, failover)
-        return "cursor lost"
+def _codes(exc: PyMongoError) -> list[int | None]:
+    """The server's error codes in ``exc``: its own, or each write error's of a bulk write."""
     if isinstance(exc, BulkWriteError):
         details = exc.details or {}
-        if details.get("writeConcernErrors"):
-            return "write concern"
-        errors = details.get("writeErrors") or []
-        transient = [e for e in errors if isinstance(e, Mapping) and _write_error_transient(e)]
-        if transient:
-            code = transient[0].get("code")
-            return TRANSIENT_CODES.get(code, f"code {code}") if isinstance(code, int) else "write"
-        return None
+        return [
+            _code(e.get("code")) if isinstance(e, Mapping) else None
+            for e in details.get("writeErrors") or []
+        ]
     if isinstance(exc, OperationFailure):
-        reply = exc.details or {}
-        if _code_transient(exc.code, str(reply.get("errmsg", exc))):
-            return TRANSIENT_CODES.get(exc.code or 0, "backend unavailable")
-        # A write concern error reported beside a successful command (no exception type).
-        if reply.get("writeConcernError"):
-            return "write concern"
+        return [_code(exc.code)]
+    return []
+
+
+def _write_error_labelled(exc: PyMongoError) -> bool:
+    if isinstance(exc, BulkWriteError):
+        errors = (exc.details or {}).get("writeErrors") or []
+        return any(
+            label in TRANSIENT_LABELS
+            for e in errors
+            if isinstance(e, Mapping)
+            for label in e.get("errorLabels") or ()
+        )
+    return False
+
+
+BACKEND_AUTH = re.compile(r"\(SQLSTATE (28000|28P01)\)")
+"""FerretDB's answer when its PostgreSQL refuses the client's user (FerretDB v1 logs in to
+PostgreSQL as the client's user): ``InternalError`` whose message ends ``FATAL: role "x" does
+not exist (SQLSTATE 28000)`` or ``password authentication failed ... (SQLSTATE 28P01)``."""
+
+
+def auth_error(exc: BaseException, *, data_free: bool = False) -> str | None:
+    """The name of the refusal when ``exc`` says stockflow's credentials or permissions are
+    refused (a configuration error: stop, do not wait, do not dead-letter); else None.
+
+    ``data_free``: ``exc`` answers a command that carries no document data (a ``ping``), so
+    FerretDB's message may be read for its backend's refusal (:data:`BACKEND_AUTH`).
+    """
+    if not isinstance(exc, PyMongoError):
+        return None
+    for code in _codes(exc):
+        if code is not None and code in AUTH_CODES:
+            return AUTH_CODES[code]
+    if data_free and isinstance(exc, OperationFailure) and exc.code == 1:
+        found = BACKEND_AUTH.search(str((exc.details or {}).get("errmsg", "")))
+        if found is not None:
+            return f"SQLSTATE {found.group(1)} behind FerretDB"
     return None
 
 
+def request_error(exc: BaseException) -> str | None:
+    """The name of the refusal when ``exc`` is about the request itself (dead-letter it after
+    a few attempts); None when it is not (wait, or stop on :func:`auth_error`).
+
+    An exception that is not pymongo's (a bug, a value stockflow cannot encode) is about the
+    request. A pymongo error is only when each of its codes is in :data:`REQUEST_CODES`, no
+    retry label is attached and no write concern failed beside it.
+    """
+    if not isinstance(exc, PyMongoError):
+        return type(exc).__name__
+    if isinstance(exc, ConnectionFailure | CursorNotFound | WriteConcernError) or exc.timeout:
+        return None
+    if any(exc.has_error_label(label) for label in TRANSIENT_LABELS):
+        return None
+    if _write_error_labelled(exc):
+        return None
+    details = exc.details if isinstance(exc, BulkWriteError | OperationFailure) else None
+    if isinstance(details, Mapping) and (
+        details.get("writeConcernErrors") or details.get("writeConcernError")
+    ):
+        return None
+    codes = _codes(exc)
+    if not codes or any(code not in REQUEST_CODES for code in codes):
+        return None
+    return REQUEST_CODES[codes[0]] if codes[0] is not None else None
+
+
+def classify(exc: BaseException) -> str | None:
+    """Why ``exc`` is waited out (a short name), or None when it is about the request or is a
+    refusal of the credentials (:func:`auth_error`)."""
+    if not isinstance(exc, PyMongoError):
+        return None
+    if request_error(exc) is not None or auth_error(exc) is not None:
+        return None
+    if isinstance(exc, ConnectionFailure):  # unreachable, timed out, no server, pool closed
+        return type(exc).__name__
+    if exc.timeout:  # client-side operation timeout (CSOT) or maxTimeMS on the server
+        return "timeout"
+    if isinstance(exc, WriteConcernError):
+        return "write concern"
+    codes = [code for code in _codes(exc) if code not in REQUEST_CODES]
+    if codes:
+        code = codes[0]
+        return TRANSIENT_CODES.get(code, f"code {code}") if code is not None else "write"
+    return type(exc).__name__
+
+
 def is_transient(exc: BaseException) -> bool:
-    """True when ``exc`` says the database is away, slow or failing over (retry, wait)."""
+    """True when ``exc`` is a MongoDB error to wait out (see the module's docstring)."""
     return classify(exc) is not None
 
 

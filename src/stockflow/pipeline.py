@@ -14,9 +14,9 @@ from pymongo.errors import PyMongoError
 from stockflow.cache import ProductCache, redis_client
 from stockflow.catalog import ProductReader
 from stockflow.config import Settings
-from stockflow.errors import ServiceUnavailableError
+from stockflow.errors import AccessDeniedError, ServiceUnavailableError
 from stockflow.inventory import Inventory, Product
-from stockflow.mongo import mongo_client
+from stockflow.mongo import auth_error, mongo_client
 
 
 @dataclass
@@ -46,9 +46,17 @@ def open_pipeline(settings: Settings, *, check: bool = True) -> Iterator[Pipelin
                 mongo.admin.command("ping")
                 inventory.ensure_indexes()
             except PyMongoError as exc:
+                refused = auth_error(exc, data_free=True)  # a ping and indexes: no data
+                if refused is not None:
+                    raise AccessDeniedError(
+                        f"MongoDB at {settings.addresses()['mongodb']} refused stockflow's "
+                        f"credentials or permissions ({refused}): check the user and password "
+                        "in MONGODB_URI and that user's roles"
+                    ) from None
                 raise ServiceUnavailableError(
-                    f"MongoDB at {settings.addresses()['mongodb']} is not reachable: {exc}. "
-                    "Start the local stack with `stockflow stack up` or set MONGODB_URI."
+                    f"MongoDB at {settings.addresses()['mongodb']} is not reachable: "
+                    f"{_first_line(exc)}. Start the local stack with `stockflow stack up` or "
+                    "set MONGODB_URI."
                 ) from None
         cache = ProductCache.from_settings(settings, cache_client)
         yield Pipeline(
@@ -58,3 +66,9 @@ def open_pipeline(settings: Settings, *, check: bool = True) -> Iterator[Pipelin
         pool.shutdown(wait=True, cancel_futures=True)
         mongo.close()
         cache_client.close()
+
+
+def _first_line(exc: PyMongoError) -> str:
+    """What went wrong, without pymongo's topology description (one line)."""
+    text = str(exc).split(", Timeout:")[0].split(", full error:")[0]
+    return " ".join(text.split())[:300]

@@ -121,48 +121,52 @@ def supervise(
         if stopping:  # the signal came while it was being started
             slot.child.send_signal(signal.SIGTERM)
 
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
-    for slot in slots:
-        start(slot)
-    while not all(slot.done for slot in slots):
-        time.sleep(0.05)
+    # Forward SIGINT/SIGTERM to the workers; put back what was there on return.
+    replaced = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
         for slot in slots:
-            if slot.done:
-                continue
-            if slot.child is None:  # waiting to be restarted
-                if stopping or failed is not None:
-                    slot.done = True
-                elif slot.restart_at is not None and time.monotonic() >= slot.restart_at:
-                    start(slot)
-                continue
-            status = slot.child.poll()
-            if status is None:
-                continue
-            slot.child, slot.status = None, status
-            who = _name(slot, workers)
-            decision = verdict(status, stopping=stopping or failed is not None)
-            if decision is Verdict.RESTART:
-                if time.monotonic() - slot.started > HEALTHY_SECONDS:
-                    slot.backoff.reset()
-                delay = slot.backoff.next_delay()
-                slot.restart_at = time.monotonic() + delay
-                say(f"{who} exited ({_cause(status)}); restarting in {delay:.1f}s")
-                continue
-            slot.done = True
-            if status != 0 and failed is None and not stopping:
-                failed = status
-                if decision is Verdict.GIVE_UP:
-                    say(
-                        f"{who} stopped on a configuration error (status {status}); "
-                        "not restarting it: fix the setting it named and start again"
-                    )
-                if workers > 1:
-                    say(f"{who} failed (status {status}): stopping the other workers")
-                    signal_all(signal.SIGTERM)
-    if failed is not None:
-        return failed
-    return next((slot.status for slot in slots if slot.status), 0)
+            start(slot)
+        while not all(slot.done for slot in slots):
+            time.sleep(0.05)
+            for slot in slots:
+                if slot.done:
+                    continue
+                if slot.child is None:  # waiting to be restarted
+                    if stopping or failed is not None:
+                        slot.done = True
+                    elif slot.restart_at is not None and time.monotonic() >= slot.restart_at:
+                        start(slot)
+                    continue
+                status = slot.child.poll()
+                if status is None:
+                    continue
+                slot.child, slot.status = None, status
+                who = _name(slot, workers)
+                decision = verdict(status, stopping=stopping or failed is not None)
+                if decision is Verdict.RESTART:
+                    if time.monotonic() - slot.started > HEALTHY_SECONDS:
+                        slot.backoff.reset()
+                    delay = slot.backoff.next_delay()
+                    slot.restart_at = time.monotonic() + delay
+                    say(f"{who} exited ({_cause(status)}); restarting in {delay:.1f}s")
+                    continue
+                slot.done = True
+                if status != 0 and failed is None and not stopping:
+                    failed = status
+                    if decision is Verdict.GIVE_UP:
+                        say(
+                            f"{who} stopped on a configuration error (status {status}); "
+                            "not restarting it: fix the setting it named and start again"
+                        )
+                    if workers > 1:
+                        say(f"{who} failed (status {status}): stopping the other workers")
+                        signal_all(signal.SIGTERM)
+        if failed is not None:
+            return failed
+        return next((slot.status for slot in slots if slot.status), 0)
+    finally:
+        for signum, handler in replaced.items():
+            signal.signal(signum, handler)
 
 
 def _name(slot: _Slot, workers: int) -> str:
@@ -173,19 +177,50 @@ def _cause(status: int) -> str:
     return f"signal {signal.Signals(-status).name}" if status < 0 else f"status {status}"
 
 
-def is_transient_exit(exc: BaseException) -> bool:
-    """True when a worker that died of ``exc`` should be restarted (after a backoff): a
-    service was unreachable or a call failed in a way that says "not now"."""
+def exit_for(exc: BaseException) -> tuple[int, str] | None:
+    """The exit status and one line for a worker that died of ``exc``; None when ``exc`` is
+    none of the known causes (a bug, or an error stockflow explains elsewhere).
+
+    - a service refusing stockflow's credentials or permissions (Kafka's SASL and ACL errors,
+      MongoDB's AuthenticationFailed and Unauthorized): ``EXIT_CONFIG``, restarting would fail
+      the same way;
+    - a service unreachable, slow or failing over (a host that never resolves included: it may
+      yet appear): ``EXIT_TEMPFAIL``, restarted after a backoff, the line naming what is away.
+    """
     from confluent_kafka import KafkaException
+    from pymongo.errors import ConnectionFailure, PyMongoError
 
-    from stockflow.mongo import is_transient
+    from stockflow import kafka_clients, mongo
 
-    if isinstance(exc, ServiceUnavailableError | TransientError) or is_transient(exc):
-        return True
+    refused = kafka_clients.auth_error(exc)
+    if refused is not None:
+        return EXIT_CONFIG, (
+            f"Kafka refused stockflow's credentials or permissions ({refused}): check "
+            "KAFKA_BOOTSTRAP_SERVERS and the SASL settings, and the user's ACLs"
+        )
+    refused = mongo.auth_error(exc)
+    if refused is not None:
+        return EXIT_CONFIG, (
+            f"MongoDB refused stockflow's credentials or permissions ({refused}): check the "
+            "user and password in MONGODB_URI and that user's roles"
+        )
+    if isinstance(exc, ServiceUnavailableError | TransientError):
+        return EXIT_TEMPFAIL, _one_line(str(exc))
+    if isinstance(exc, ConnectionFailure):
+        return EXIT_TEMPFAIL, f"MongoDB unreachable: {_one_line(str(exc))}"
+    if isinstance(exc, PyMongoError) and mongo.is_transient(exc):
+        return EXIT_TEMPFAIL, f"MongoDB unavailable: {_one_line(str(exc))}"
     if isinstance(exc, KafkaException) and exc.args:
         error = exc.args[0]
-        return not (hasattr(error, "fatal") and error.fatal())
-    return False
+        if not (hasattr(error, "fatal") and error.fatal()):
+            return EXIT_TEMPFAIL, f"Kafka unavailable: {_one_line(str(error))}"
+    return None
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one line, without pymongo's topology description or full error reply."""
+    text = text.split(", Timeout:")[0].split(", full error:")[0]
+    return " ".join(text.split())[:300]
 
 
 def _set_parent_death_signal(signum: int) -> bool:

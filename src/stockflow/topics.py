@@ -12,7 +12,7 @@ from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from stockflow import kafka_clients
 from stockflow.config import Settings
-from stockflow.errors import KafkaUnavailableError, TopicError
+from stockflow.errors import AccessDeniedError, KafkaUnavailableError, TopicError
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,18 @@ class TopicDescription:
         return sum(p.end_offset for p in self.partitions)
 
 
+def refused(settings: Settings, exc: KafkaException) -> None:
+    """Raise AccessDeniedError (exit 78) if ``exc`` says Kafka refuses stockflow's credentials
+    or ACLs: that is no outage, and no topic is at fault."""
+    name = kafka_clients.auth_error(exc)
+    if name is not None:
+        raise AccessDeniedError(
+            f"Kafka at {settings.addresses()['kafka']} refused stockflow's credentials or "
+            f"permissions ({name}): check KAFKA_BOOTSTRAP_SERVERS and the SASL settings, and "
+            "the user's ACLs"
+        ) from None
+
+
 def admin_client(settings: Settings) -> AdminClient:
     return AdminClient(kafka_clients.admin(settings))
 
@@ -66,6 +78,7 @@ def create_topic(
     try:
         futures[name].result()
     except KafkaException as exc:
+        refused(settings, exc)
         error = exc.args[0]
         if error.code() == KafkaError.TOPIC_ALREADY_EXISTS:
             return False
@@ -77,6 +90,7 @@ def list_topics(settings: Settings, *, include_internal: bool = False) -> list[T
     try:
         metadata = admin_client(settings).list_topics(timeout=settings.kafka_timeout_seconds)
     except KafkaException as exc:
+        refused(settings, exc)
         raise KafkaUnavailableError(
             f"cannot list topics at {settings.addresses()['kafka']}: {exc}"
         ) from None
@@ -94,6 +108,7 @@ def require_topic(settings: Settings, topic: str) -> int:
     try:
         metadata = admin_client(settings).list_topics(topic, timeout=settings.kafka_timeout_seconds)
     except KafkaException as exc:
+        refused(settings, exc)
         raise KafkaUnavailableError(
             f"cannot reach Kafka at {settings.addresses()['kafka']}: {exc}"
         ) from None
@@ -179,6 +194,7 @@ def topic_id(settings: Settings, name: str) -> str | None:
     try:
         description = futures[name].result()
     except KafkaException as exc:
+        refused(settings, exc)
         raise TopicError(f"cannot describe topic {name!r}: {exc.args[0].str()}") from None
     uid = description.topic_id
     if uid is None or (uid.get_most_significant_bits(), uid.get_least_significant_bits()) == (0, 0):
@@ -202,6 +218,7 @@ def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
             offsets[pid] = high
         return offsets
     except KafkaException as exc:
+        refused(settings, exc)
         raise TopicError(f"cannot read the end offsets of {topic!r}: {exc}") from None
     finally:
         consumer.close()
@@ -220,6 +237,7 @@ def group_lag(settings: Settings, group: str, topic: str) -> dict[int, int]:
             [TopicPartition(topic, pid) for pid in ends], timeout=settings.kafka_timeout_seconds
         )
     except KafkaException as exc:
+        refused(settings, exc)
         raise TopicError(f"cannot read group {group!r}'s offsets on {topic!r}: {exc}") from None
     finally:
         consumer.close()
@@ -240,5 +258,6 @@ def delete_topics(settings: Settings, names: list[str]) -> None:
         try:
             future.result()
         except KafkaException as exc:
+            refused(settings, exc)
             if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
                 raise TopicError(f"cannot delete topic {name!r}: {exc.args[0].str()}") from None

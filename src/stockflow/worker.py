@@ -17,6 +17,7 @@ from stockflow.applier import Applier
 from stockflow.config import Settings
 from stockflow.consumer import LoopStats, TransactionalLoop
 from stockflow.deadletters import DeadLetterStore
+from stockflow.errors import ConfigError
 from stockflow.ledger import Ledger
 from stockflow.pipeline import Pipeline
 from stockflow.planner import Decision
@@ -133,6 +134,8 @@ class Worker:
                 group_id=settings.group_id,
                 start_offsets=end_offsets(settings, commands) if start_at_end else None,
             )
+            # Each finished MongoDB step is progress: only a call that hangs trips the watchdog.
+            self.applier.on_progress = self.loops["applier"].progress
         if "router" in self.loops and "applier" in self.loops:
             # Commands routed while the applier is busy would only wait for it: let the router
             # fill its batch meanwhile (bounded), for fewer transactions.
@@ -214,6 +217,9 @@ class Worker:
             if name == "router" and max_messages is not None and "applier" in self.loops:
                 self.loops["applier"].max_messages = result.counts["routed"]
         except BaseException as exc:
-            log.exception("%s stopped with an error", name)
+            if isinstance(exc, ConfigError):  # one line, said once by whoever runs the worker
+                log.debug("%s stopped: %s", name, exc)
+            else:
+                log.exception("%s stopped with an error", name)
             self.errors.append(exc)
             self.stop()

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import psutil
 import pytest
@@ -100,6 +101,22 @@ def test_a_worker_that_cannot_reach_kafka_exits_75_to_be_restarted(
     assert "Traceback" not in result.stderr
 
 
+def test_a_refused_mongodb_user_exits_78_with_one_line_and_no_restart(
+    settings: Settings, worker_env: dict[str, str]
+) -> None:
+    """Credentials the database refuses are a configuration error, not an outage: the
+    supervised worker gives up at once (before: exit 75 and restarts forever)."""
+    address = urlsplit(settings.mongodb_url).netloc.rpartition("@")[2]
+    uri = f"mongodb://nobody:MongoPw1x@{address}/?authMechanism=PLAIN"
+    result = stockflow("consume", env={**worker_env, "MONGODB_URI": uri}, timeout=60)
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert "refused stockflow's credentials" in result.stderr
+    assert "restarting in" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert_no_secret(result.stdout + result.stderr)
+
+
 def test_the_supervisor_gives_up_on_a_worker_with_a_configuration_error() -> None:
     """The child's own verdict (78) stops the supervisor at once."""
     from stockflow.supervisor import supervise
@@ -164,6 +181,8 @@ def test_sigkill_of_the_supervisor_takes_the_worker_with_it(worker_env: dict[str
     try:
         child = _worker_child(psutil.Process(proc.pid))
         time.sleep(3)  # let it get going (pipeline open, groups joined)
+        assert child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+        assert proc.poll() is None  # the supervisor too: the kill below is what ends them
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         _, alive = psutil.wait_procs([child], timeout=15)

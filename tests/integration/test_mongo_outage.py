@@ -153,7 +153,7 @@ def test_postgres_stopped_behind_ferretdb_is_transient(private: PrivateFerretDB)
                 applier.handle(_order(1))
             assert isinstance(caught.value.__cause__, OperationFailure), attempt
             assert caught.value.__cause__.code == 1  # FerretDB's InternalError
-            assert "backend unavailable" in str(caught.value)
+            assert "InternalError" in str(caught.value)  # named by its code, not its text
         private.start_postgres()
         handled = applier.handle(_order(1))
         assert handled.counts == {Outcome.APPLIED.value: 1}

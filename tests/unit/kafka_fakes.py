@@ -229,10 +229,18 @@ class FakeProducer:
         the same request fail, and so does the commit."""
         self.unsent: list[tuple[Produced, Any]] = []
         self.rejected = False
+        self.fault: Callable[[str], BaseException | None] | None = None
+        """Called with the step's name before each call that talks to the broker
+        (init_transactions, send_offsets_to_transaction, commit_transaction,
+        abort_transaction); the error it returns is raised (a broker outage, ...)."""
 
     def _maybe_hang(self, step: str) -> None:
         if step in self.hang:
             self.hang[step].wait()
+        if self.fault is not None:
+            error = self.fault(step)
+            if error is not None:
+                raise error
 
     def init_transactions(self, timeout: float) -> None:
         self._maybe_hang("init_transactions")
@@ -296,6 +304,7 @@ class FakeProducer:
 
     def abort_transaction(self, timeout: float) -> None:
         self.aborts += 1
+        self._maybe_hang("abort_transaction")
         if self.fail_abort:
             raise self.fail_abort.pop(0)
         self.in_txn, self.pending, self.offsets = False, [], {}

@@ -1,9 +1,11 @@
-"""What MongoDB errors mean: an outage is transient (wait), a bad request is not (dead letter).
+"""What MongoDB errors mean: only an error about the request is dead-lettered; every other
+one is waited out, and a refusal of stockflow's credentials stops the worker (exit 78).
 
 Constructed pymongo exceptions, shaped as MongoDB and FerretDB send them, raised from the
-applier's first MongoDB call: the applier must turn every availability error into a
-TransientError (the loop then pauses and waits, however long) and let only errors about the
-request itself through to the retry-then-dead-letter path.
+applier's first MongoDB call: the applier must turn every error that is not on the short list
+of errors about the request into a TransientError (the loop then pauses and waits, however
+long), let only the listed ones through to the retry-then-dead-letter path, and turn
+authentication and authorization failures into a configuration error.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pymongo.errors import (
     DocumentTooLarge,
     DuplicateKeyError,
     ExecutionTimeout,
+    InvalidOperation,
     NetworkTimeout,
     NotPrimaryError,
     OperationFailure,
@@ -33,9 +36,9 @@ from pymongo.errors import (
 
 from stockflow.applier import Applier
 from stockflow.config import Settings
-from stockflow.errors import TransientError
+from stockflow.errors import ConfigError, TransientError
 from stockflow.ledger import insert_all
-from stockflow.mongo import classify, client_options, is_transient
+from stockflow.mongo import auth_error, classify, client_options, is_transient
 from stockflow.orders import Order
 from stockflow.planner import Entry
 
@@ -111,6 +114,28 @@ TRANSIENT: dict[str, PyMongoError] = {
         1, "FATAL: sorry, too many clients already (SQLSTATE 53300)"
     ),
     "FerretDB: SQLite busy": failure(1, "database is locked (5) (SQLITE_BUSY)"),
+    # Not about the order either: a full disk, a quota, a shard moving, an interrupted
+    # command, FerretDB's PostgreSQL timing a statement out or read-only, a closed pool.
+    "OutOfDiskSpace": failure(14031, "Cannot write: disk full"),
+    "quota (Atlas)": failure(8000, "you are over your space quota"),
+    "TemporarilyUnavailable": failure(365, "temporarily unavailable"),
+    "StaleConfig": failure(13388, "stale config"),
+    "Interrupted": failure(11601, "operation was interrupted"),
+    "an error code nobody listed": failure(424242, "something new"),
+    "FerretDB: statement timeout": failure(
+        1, "ERROR: canceling statement due to statement timeout (SQLSTATE 57014)"
+    ),
+    "FerretDB: read-only": failure(
+        1, "ERROR: cannot execute UPDATE in a read-only transaction (SQLSTATE 25006)"
+    ),
+    "FerretDB: any internal error": failure(1, "[msg_update.go:117] unsupported operator $foo"),
+    "closed pool": InvalidOperation("Cannot use MongoClient after close"),
+    "bulk: an unlisted code beside a refused document": bulk(
+        [
+            {"index": 0, "code": 2, "errmsg": "cannot store", "op": {}},
+            {"index": 1, "code": 14031, "errmsg": "disk full", "op": {}},
+        ]
+    ),
 }
 
 ABOUT_THE_REQUEST: dict[str, BaseException] = {
@@ -121,10 +146,22 @@ ABOUT_THE_REQUEST: dict[str, BaseException] = {
     "bulk: a document the server refuses": bulk(
         [{"index": 0, "code": 2, "errmsg": "cannot store", "op": {}}]
     ),
-    "FerretDB: an internal error that is not an outage": failure(
-        1, "[msg_update.go:117] unsupported operator $foo"
+    "failed to parse": failure(9, "FailedToParse"),
+    "too large on the server": failure(10334, "BSONObjectTooLarge"),
+    # The server's message may quote the document: its text never decides.
+    "validation failure quoting an outage": failure(
+        121, "Document failed validation: {note: 'connection refused'}"
     ),
     "not a MongoDB error": ValueError("stock is not a number"),
+}
+
+
+AUTH: dict[str, PyMongoError] = {
+    "AuthenticationFailed": failure(18, "Authentication failed."),
+    "Unauthorized": failure(13, "not authorized on ecommerce to execute command { update }"),
+    "bulk: Unauthorized inside": bulk(
+        [{"index": 0, "code": 13, "errmsg": "not authorized", "op": {}}]
+    ),
 }
 
 
@@ -171,6 +208,20 @@ def test_the_applier_lets_request_errors_through_to_the_dead_letter_path(
 ) -> None:
     with pytest.raises(type(exc)):
         _applier(exc).handle(_command())
+
+
+@pytest.mark.parametrize("exc", AUTH.values(), ids=AUTH.keys())
+def test_a_refusal_of_the_credentials_is_a_configuration_error(exc: PyMongoError) -> None:
+    assert auth_error(exc) is not None
+    with pytest.raises(ConfigError) as caught:
+        _applier(exc).handle(_command())
+    line = str(caught.value)
+    assert "\n" not in line and "MONGODB_URI" in line, line
+
+
+@pytest.mark.parametrize("exc", TRANSIENT.values(), ids=TRANSIENT.keys())
+def test_errors_that_wait_are_not_configuration_errors(exc: PyMongoError) -> None:
+    assert auth_error(exc) is None
 
 
 class _Collection:
