@@ -164,14 +164,15 @@ def kill_leader(
     down_seconds: float,
     kills: int = 1,
 ) -> Callable[[Settings, Workers, random.Random, list[str]], None]:
-    """A fault for ``run_chaos``: once ``after_messages`` orders are in, ``kill -9`` the leader
+    """A fault for ``run_chaos``: once ``after_messages`` orders are in (twice that for the
+    second kill, ...), ``kill -9`` the leader
     of the input topic's partition 0, record ``topics describe`` before and after the new
     leader is elected, restart the node ``down_seconds`` later and wait until it is back in
     sync; ``kills`` times."""
 
     def inject(s: Settings, pool: Workers, rng: random.Random, faults: list[str]) -> None:
-        wanted = after_messages
-        for _ in range(kills):
+        for kill in range(kills):
+            wanted = (kill + 1) * after_messages
             deadline = time.monotonic() + 120
             while describe_topic(s, s.topic).messages < wanted:
                 assert time.monotonic() < deadline, "the stream never started"
@@ -206,6 +207,5 @@ def kill_leader(
                 time.sleep(0.5)
             change.restarted = describe_lines(back)
             record.append(change)
-            wanted = back.messages + after_messages
 
     return inject
