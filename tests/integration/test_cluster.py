@@ -16,7 +16,8 @@ import pytest
 from confluent_kafka.admin import ConfigResource
 
 from stockflow.config import Settings
-from stockflow.errors import TopicError
+from stockflow.errors import StackError, TopicError
+from stockflow.stack import Stack
 from stockflow.topics import admin_client, describe_topic
 from tests.chaos.cluster import Cluster, LeaderChange, describe_lines, kill_leader, private_cluster
 from tests.chaos.harness import Workers, run_chaos
@@ -80,9 +81,17 @@ def test_a_killed_partition_leader_loses_no_acknowledged_order(
             log_dir=tmp_path / "logs",
             timeout=180,
         )
+        rss_after = cluster.rss_mb()
+        # Settings of one broker on the same folder see the cluster and leave it alone.
+        one = cluster.settings.model_copy(update={"kafka_brokers": 1})
+        with pytest.raises(StackError, match="another Kafka layout"):
+            Stack(one).up()
+        assert [r.name for r in Stack(one).status() if r.running and r.mode == "local"] == [
+            "kafka-1", "kafka-2", "kafka-3"
+        ]  # fmt: skip
     (change,) = changes
     note = [
-        f"cluster up in {cluster.start_seconds:.1f}s, RSS MiB {rss}",
+        f"cluster up in {cluster.start_seconds:.1f}s, RSS MiB {rss}, after the run {rss_after}",
         *(f"{t}: {lines}" for t, lines in topics.items()),
         f"killed broker {change.victim}; new leader {change.new_leader} after "
         f"{change.failover_seconds:.1f}s",

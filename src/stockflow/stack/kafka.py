@@ -173,6 +173,13 @@ class KafkaService(Service):
         return self.node.port
 
     @property
+    def port_variable(self) -> str:
+        if not self.node.voters:
+            return "STOCKFLOW_KAFKA_PORT"
+        offset = self.port - self.settings.kafka_port
+        return f"STOCKFLOW_KAFKA_PORT; node {self.node.node_id} uses it + {offset}"
+
+    @property
     def address(self) -> str:
         if self.external or not self.node.voters:
             return self.settings.addresses()["kafka"]
