@@ -109,12 +109,22 @@ def _stack_up(s: Settings) -> None:
 
 
 @stack_app.command("up")
-def stack_up() -> None:
+def stack_up(
+    brokers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=9,
+            help="Kafka nodes: 3 starts a KRaft cluster on loopback, topics then replicated "
+            "3 times [default: STOCKFLOW_KAFKA_BROKERS, 1].",
+        ),
+    ] = None,
+) -> None:
     """Provision (cached), start and wait for every service not set by the environment.
 
     Idempotent: services already running are left alone.
     """
-    _stack_up(settings())
+    _stack_up(settings(kafka_brokers=brokers))
 
 
 @stack_app.command("down")
@@ -148,7 +158,10 @@ def stack_status() -> None:
 
 @stack_app.command("logs")
 def stack_logs(
-    service: Annotated[str | None, typer.Argument(help="kafka, ferretdb or redis")] = None,
+    service: Annotated[
+        str | None,
+        typer.Argument(help="kafka (every node), kafka-N (one node), ferretdb or redis"),
+    ] = None,
     lines: Annotated[int, typer.Option("--lines", "-n", help="Lines to show of each.")] = 0,
 ) -> None:
     """Show where each local service writes its log (and, with -n, the last lines)."""
@@ -156,7 +169,7 @@ def stack_logs(
     from stockflow.stack.process import tail
 
     for row in Stack(settings()).status():
-        if service and row.name != service:
+        if service and service not in (row.name, row.name.split("-")[0]):
             continue
         for path in row.logs:
             console.print(f"{row.name}: {path}")
@@ -178,7 +191,12 @@ def stack_env() -> None:
 def topics_create(
     name: Annotated[str, typer.Argument(help="Topic name.")],
     partitions: Annotated[int, typer.Option(min=1, help="Number of partitions.")] = 1,
-    replication: Annotated[int, typer.Option(min=1, help="Replication factor.")] = 1,
+    replication: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Replication factor [default: min(3, brokers), min.insync.replicas 2 at 3]."
+        ),
+    ] = None,
 ) -> None:
     """Create a topic (no error if it exists already)."""
     from stockflow.topics import create_topic

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from stockflow.errors import ConfigError
@@ -25,6 +32,9 @@ ServiceName = Literal["kafka", "mongodb", "redis"]
 FerretBackend = Literal["sqlite", "postgresql"]
 
 LOOPBACK = "127.0.0.1"
+KAFKA_NODE_PORT_STEP = 2
+"""Node i (from 1) of a local Kafka cluster listens on ``kafka_port + 2(i-1)`` (clients) and
+``kafka_controller_port + 2(i-1)`` (controllers): 39092/39093, 39094/39095, 39096/39097."""
 KAFKA_LOGGER = "stockflow.librdkafka"
 """The logger librdkafka's own lines go to (``logs.py`` decides what is shown)."""
 
@@ -262,7 +272,15 @@ class Settings(BaseSettings):
     kafka_version: str = Field(default="4.3.1", description="Apache Kafka version to run.")
     kafka_port: int = Field(default=39092, description="Local broker's client port.")
     kafka_controller_port: int = Field(default=39093, description="Local KRaft controller port.")
-    kafka_heap: str = Field(default="512m", description="Local broker's JVM heap (-Xmx).")
+    kafka_heap: str = Field(default="512m", description="JVM heap (-Xmx) of each local Kafka node.")
+    kafka_brokers: int = Field(
+        default=1,
+        ge=1,
+        le=9,
+        description="Nodes of the local Kafka (`stack up --brokers N`): 1, or a KRaft cluster "
+        "of combined broker+controller nodes, node i on the Kafka and controller ports + "
+        f"{KAFKA_NODE_PORT_STEP}(i-1), topics at replication min(3, N).",
+    )
     ferretdb_version: str = Field(default="v1.24.2", description="FerretDB version to build.")
     ferretdb_backend: FerretBackend = Field(
         default="postgresql",
@@ -317,9 +335,31 @@ class Settings(BaseSettings):
             "redis": self.redis_url,
         }[service] is not None
 
+    def kafka_node_ports(self) -> list[tuple[int, int]]:
+        """The (client, controller) ports of each node of the local Kafka, node 1 first."""
+        step = KAFKA_NODE_PORT_STEP
+        return [
+            (self.kafka_port + step * i, self.kafka_controller_port + step * i)
+            for i in range(self.kafka_brokers)
+        ]
+
+    @model_validator(mode="after")
+    def _kafka_ports_distinct(self) -> Settings:
+        ports = [port for pair in self.kafka_node_ports() for port in pair]
+        if len(set(ports)) != len(ports):
+            raise ValueError(
+                f"the {self.kafka_brokers} Kafka node(s) need distinct ports, got {ports}: "
+                f"node i uses STOCKFLOW_KAFKA_PORT and STOCKFLOW_KAFKA_CONTROLLER_PORT "
+                f"+ {KAFKA_NODE_PORT_STEP}(i-1)"
+            )
+        return self
+
     @property
     def kafka_bootstrap(self) -> str:
-        return self.kafka_bootstrap_servers or f"{LOOPBACK}:{self.kafka_port}"
+        """The user's bootstrap servers, else every node of the local Kafka."""
+        if self.kafka_bootstrap_servers:
+            return self.kafka_bootstrap_servers
+        return ",".join(f"{LOOPBACK}:{port}" for port, _ in self.kafka_node_ports())
 
     @property
     def mongodb_url(self) -> str:
@@ -396,8 +436,16 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         problems = [
-            f"{_variable(str(error['loc'][0]) if error['loc'] else '?')}: {error['msg']}"
-            + (f" (got {error['input']!r})" if isinstance(error.get("input"), str | int) else "")
+            (
+                f"{_variable(str(error['loc'][0]))}: {error['msg']}"
+                + (
+                    f" (got {error['input']!r})"
+                    if isinstance(error.get("input"), str | int)
+                    else ""
+                )
+                if error["loc"]
+                else str(error["msg"]).removeprefix("Value error, ")  # a check across fields
+            )
             for error in exc.errors()
         ]
         raise ConfigError("invalid settings: " + "; ".join(problems)) from None

@@ -64,7 +64,7 @@ def run_demo(settings: Settings, say: Callable[[str], None]) -> DemoResult:
     """Reset the demo products, start a worker, send the orders one by one, report the stock."""
     # A group of the demo's own, started at the topics' ends: only the demo's messages count.
     settings = settings.model_copy(update={"group_id": f"stockflow-demo-{int(time.time())}"})
-    if create_topic(settings, settings.topic, partitions=1, replication=1):
+    if create_topic(settings, settings.topic, partitions=1):
         say(f"Created topic {settings.topic}")
     ensure_topics(settings)
     with open_pipeline(settings) as pipeline:

@@ -13,6 +13,7 @@ from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 from stockflow import kafka_clients
 from stockflow.config import Settings
 from stockflow.errors import AccessDeniedError, KafkaUnavailableError, TopicError
+from stockflow.stack.kafka import replication_for
 
 
 @dataclass(frozen=True)
@@ -65,13 +66,38 @@ def admin_client(settings: Settings) -> AdminClient:
     return AdminClient(kafka_clients.admin(settings))
 
 
+def cluster_replication(settings: Settings, admin: AdminClient | None = None) -> tuple[int, int]:
+    """(replication factor, min.insync.replicas) for topics on this cluster: min(3, brokers),
+    and 2 in sync when there are 3 copies, so ``acks=all`` survives one broker down."""
+    try:
+        metadata = (admin or admin_client(settings)).list_topics(
+            timeout=settings.kafka_timeout_seconds
+        )
+    except KafkaException as exc:
+        raise KafkaUnavailableError(
+            f"cannot reach Kafka at {settings.addresses()['kafka']}: {exc}"
+        ) from None
+    # A local cluster counts all its nodes, so a topic made while one restarts is still
+    # replicated three times (the live brokers alone would say two).
+    local = 1 if settings.is_external("kafka") else settings.kafka_brokers
+    return replication_for(max(len(metadata.brokers), local))
+
+
 def create_topic(
-    settings: Settings, name: str, *, partitions: int = 1, replication: int = 1
+    settings: Settings, name: str, *, partitions: int = 1, replication: int | None = None
 ) -> bool:
-    """Create ``name``; True if created, False if it already existed."""
+    """Create ``name``; True if created, False if it already existed.
+
+    Without ``replication``, the cluster's (:func:`cluster_replication`), with its
+    ``min.insync.replicas``.
+    """
     admin = admin_client(settings)
+    config: dict[str, str] = {}
+    if replication is None:
+        replication, min_isr = cluster_replication(settings, admin)
+        config["min.insync.replicas"] = str(min_isr)
     futures = admin.create_topics(
-        [NewTopic(name, num_partitions=partitions, replication_factor=replication)],
+        [NewTopic(name, num_partitions=partitions, replication_factor=replication, config=config)],
         operation_timeout=settings.kafka_timeout_seconds,
         request_timeout=settings.kafka_timeout_seconds,
     )

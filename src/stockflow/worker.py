@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def ensure_topics(settings: Settings) -> None:
-    """Create the commands, dead-letter and outcomes topics if they are missing."""
+    """Create the commands, dead-letter and outcomes topics if they are missing, replicated as
+    the cluster allows (min(3, brokers), with min.insync.replicas 2 at 3)."""
     partitions = require_topic(settings, settings.topic)
     create_topic(settings, settings.commands_topic, partitions=settings.commands_partitions)
     create_topic(settings, settings.dlq_topic, partitions=max(1, partitions))

@@ -13,10 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from stockflow.config import Settings
+from stockflow.config import Settings, load_settings
+from stockflow.errors import ConfigError
 from stockflow.stack import Stack, process, take_back_own
 from stockflow.stack.ferretdb import FerretDBService
-from stockflow.stack.kafka import KafkaService, kraft_cluster_id
+from stockflow.stack.kafka import (
+    KafkaService,
+    kafka_nodes,
+    kraft_cluster_id,
+    quorum_leader,
+    replication_for,
+)
 from stockflow.stack.postgres import HBA_CONF, PostgresService, ensure_password, read_password
 from stockflow.stack.redis import RedisService
 
@@ -222,3 +229,78 @@ def test_addresses_of_the_local_stack_are_taken_back_only_while_it_runs(tmp_path
         ]
     finally:
         process.terminate(record.pid, timeout=5)
+
+
+def _props(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines())
+
+
+def test_one_broker_keeps_todays_folder_ports_and_properties(tmp_path: Path) -> None:
+    s = Settings(state_dir=tmp_path, kafka_port=41000, kafka_controller_port=41001)
+    (node,) = kafka_nodes(s)
+    assert (node.name, node.dir, node.port, node.controller_port) == (
+        "kafka",
+        tmp_path / "kafka",
+        41000,
+        41001,
+    )
+    props = _props(node.server_properties())
+    assert "controller.quorum.voters" not in props
+    assert props["transaction.state.log.min.isr"] == "1"
+    assert "default.replication.factor" not in props
+    assert s.kafka_bootstrap == "127.0.0.1:41000"
+
+
+def test_three_brokers_are_a_kraft_cluster_with_offset_ports_and_own_folders(
+    tmp_path: Path,
+) -> None:
+    s = Settings(state_dir=tmp_path, kafka_port=41000, kafka_controller_port=41001, kafka_brokers=3)
+    nodes = kafka_nodes(s)
+    assert [(n.name, n.node_id, n.port, n.controller_port) for n in nodes] == [
+        ("kafka-1", 1, 41000, 41001),
+        ("kafka-2", 2, 41002, 41003),
+        ("kafka-3", 3, 41004, 41005),
+    ]
+    assert s.kafka_bootstrap == "127.0.0.1:41000,127.0.0.1:41002,127.0.0.1:41004"
+    voters = "1@127.0.0.1:41001,2@127.0.0.1:41003,3@127.0.0.1:41005"
+    for node in nodes:
+        props = _props(node.server_properties())
+        assert props["node.id"] == str(node.node_id)
+        assert props["controller.quorum.voters"] == voters
+        assert "controller.quorum.bootstrap.servers" not in props
+        assert props["listeners"] == (
+            f"PLAINTEXT://127.0.0.1:{node.port},CONTROLLER://127.0.0.1:{node.controller_port}"
+        )
+        assert props["log.dirs"] == str(tmp_path / node.name / "data")
+        for topic in ("offsets.topic", "transaction.state.log", "share.coordinator.state.topic"):
+            assert props[f"{topic}.replication.factor"] == "3"
+        assert props["transaction.state.log.min.isr"] == "2"
+        assert props["share.coordinator.state.topic.min.isr"] == "2"
+    services = Stack(s.model_copy(update={"redis_url": None})).services
+    assert [svc.name for svc in services if svc.name.startswith("kafka")] == [
+        "kafka-1", "kafka-2", "kafka-3"
+    ]  # fmt: skip
+
+
+def test_replication_is_three_copies_at_most_and_two_in_sync_of_three() -> None:
+    assert [replication_for(n) for n in (1, 2, 3, 5)] == [(1, 1), (2, 1), (3, 2), (3, 2)]
+
+
+def test_cluster_ports_that_collide_are_one_line_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="distinct ports") as caught:
+        load_settings(
+            state_dir=tmp_path, kafka_port=41000, kafka_controller_port=41002, kafka_brokers=3
+        )
+    assert "\n" not in str(caught.value)
+
+
+def test_quorum_leader_is_the_newest_epoch_any_node_recorded(tmp_path: Path) -> None:
+    s = Settings(state_dir=tmp_path, kafka_brokers=3)
+    nodes = kafka_nodes(s)
+    assert quorum_leader(nodes) is None
+    for node, (leader, epoch) in zip(nodes, [(1, 4), (2, 5), (-1, 6)], strict=True):
+        folder = node.data_dir / "__cluster_metadata-0"
+        folder.mkdir(parents=True)
+        state = {"leaderId": leader, "leaderEpoch": epoch, "votedId": -1}
+        (folder / "quorum-state").write_text(json.dumps(state))
+    assert quorum_leader(nodes) == (2, 5)

@@ -12,8 +12,9 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from stockflow.config import ServiceName, Settings
+from stockflow.errors import StackError
 from stockflow.stack.ferretdb import FerretDBService
-from stockflow.stack.kafka import KafkaService
+from stockflow.stack.kafka import KafkaService, kafka_services, other_kafka_nodes
 from stockflow.stack.postgres import PostgresService
 from stockflow.stack.process import file_lock
 from stockflow.stack.redis import RedisService
@@ -55,7 +56,7 @@ class Stack:
         self.services: list[Service] = [RedisService(settings)]
         if settings.ferretdb_backend == "postgresql" and not settings.is_external("mongodb"):
             self.services.append(PostgresService(settings))
-        self.services += [FerretDBService(settings), KafkaService(settings)]
+        self.services += [FerretDBService(settings), *kafka_services(settings)]
 
     def _lock(self) -> AbstractContextManager[None]:
         return file_lock(self.settings.state_dir / "stack.lock")
@@ -67,6 +68,14 @@ class Stack:
         start-up dominates.
         """
         with self._lock():
+            if not self.settings.is_external("kafka"):
+                others = other_kafka_nodes(self.settings)
+                if others:
+                    raise StackError(
+                        f"{others[0].name} of another Kafka layout runs from "
+                        f"{self.settings.state_dir} (pid {others[0].running_pid()}): run "
+                        "`stockflow stack down` before changing the number of brokers"
+                    )
             with ThreadPoolExecutor(len(self.services)) as pool:
                 for future in [
                     pool.submit(s.provision, report) for s in self.services if not s.external
@@ -89,13 +98,26 @@ class Stack:
                 ]
 
     def down(self) -> list[ServiceResult]:
-        """Stop what ``up`` started, the broker first so clients see a clean close."""
+        """Stop what ``up`` started, the broker first so clients see a clean close.
+
+        A cluster's nodes are stopped together: stopped one by one, the last would wait for
+        a controller quorum that has gone and be killed after the grace time.
+        """
         with self._lock():
-            return [ServiceResult(s.name, s.stop()) for s in reversed(self.services)]
+            # Nodes of another broker count (`stack up --brokers 3`, then `stack down`) too.
+            services = [*self.services, *other_kafka_nodes(self.settings)]
+            kafka = [s for s in reversed(services) if isinstance(s, KafkaService)]
+            with ThreadPoolExecutor(len(kafka) or 1) as pool:
+                stopped = dict(zip(kafka, pool.map(lambda s: s.stop(), kafka), strict=True))
+            return [
+                ServiceResult(s.name, stopped[s] if s in stopped else s.stop())
+                for s in reversed(services)
+            ]
 
     def status(self) -> list[ServiceStatus]:
-        with ThreadPoolExecutor(len(self.services)) as pool:
-            return list(pool.map(lambda s: s.status(), self.services))
+        services = [*self.services, *other_kafka_nodes(self.settings)]
+        with ThreadPoolExecutor(len(services)) as pool:
+            return list(pool.map(lambda s: s.status(), services))
 
     def env_lines(self) -> list[str]:
         """``export`` lines that point other tools at the same three services."""
@@ -119,7 +141,7 @@ def take_back_own(settings: Settings) -> tuple[Settings, list[str]]:
     """
     local = settings.model_copy(update=dict.fromkeys(_ADDRESS_FIELDS.values()))
     owners: dict[ServiceName, Service] = {
-        "kafka": KafkaService(local),
+        "kafka": kafka_services(local)[0],
         "mongodb": FerretDBService(local),
         "redis": RedisService(local),
     }

@@ -3,20 +3,29 @@
 Provisioning resolves ``kafka_2.13`` and ``kafka-tools`` with Maven's ``copy-dependencies``
 into ``<cache>/kafka-<version>/libs`` (once per machine). Each start needs a formatted log
 directory: the first start formats it as a one-node (``--standalone``) controller quorum.
+
+With ``kafka_brokers`` N > 1 the local Kafka is a cluster of N combined broker+controller
+nodes (:class:`KafkaNode`), each with its own ports and folder (``kafka-1`` .. ``kafka-N``),
+voting in one static controller quorum (``controller.quorum.voters``) and formatted with one
+shared cluster id; the internal topics are replicated min(3, N) times. One node (the default)
+keeps the folder ``kafka`` and the ports of the settings.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
 import uuid
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from stockflow.config import LOOPBACK, Settings
 from stockflow.errors import ProvisionError
 from stockflow.stack import process
 from stockflow.stack.service import Reporter, Service, require_tool
@@ -40,23 +49,141 @@ def kraft_cluster_id() -> str:
             return cluster_id
 
 
+def replication_for(brokers: int) -> tuple[int, int]:
+    """(replication factor, min.insync.replicas) of topics on a cluster of ``brokers``:
+    three copies at most, and writes acknowledged by two of three, so one node may be down."""
+    replicas = max(1, min(3, brokers))
+    return replicas, 2 if replicas >= 3 else 1
+
+
+@dataclass(frozen=True)
+class KafkaNode:
+    """One combined broker+controller node of the local Kafka: its id, ports, folder and the
+    controller quorum it votes in (``voters``: (node id, controller port) of every voter)."""
+
+    node_id: int
+    port: int
+    controller_port: int
+    dir: Path
+    voters: tuple[tuple[int, int], ...] = ()
+    """Empty for a lone node, whose quorum is itself (formatted ``--standalone``)."""
+
+    @property
+    def name(self) -> str:
+        return f"kafka-{self.node_id}" if self.voters else "kafka"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.dir / "data"
+
+    def server_properties(self) -> str:
+        """The node's ``server.properties`` (pure: from the node's fields alone)."""
+        controller = f"{LOOPBACK}:{self.controller_port}"
+        plaintext = f"{LOOPBACK}:{self.port}"
+        replicas, min_isr = replication_for(len(self.voters) or 1)
+        quorum = (
+            {
+                "controller.quorum.voters": ",".join(
+                    f"{voter}@{LOOPBACK}:{port}" for voter, port in self.voters
+                )
+            }
+            if self.voters
+            else {"controller.quorum.bootstrap.servers": controller}
+        )
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": str(self.node_id),
+            **quorum,
+            "listeners": f"PLAINTEXT://{plaintext},CONTROLLER://{controller}",
+            "advertised.listeners": f"PLAINTEXT://{plaintext},CONTROLLER://{controller}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "log.dirs": str(self.data_dir),
+            "num.partitions": "1",
+            "offsets.topic.replication.factor": str(replicas),
+            "offsets.topic.num.partitions": "10",
+            "transaction.state.log.replication.factor": str(replicas),
+            "transaction.state.log.min.isr": str(min_isr),
+            "transaction.state.log.num.partitions": "10",
+            "share.coordinator.state.topic.replication.factor": str(replicas),
+            "share.coordinator.state.topic.min.isr": str(min_isr),
+            "group.initial.rebalance.delay.ms": "0",
+            "auto.create.topics.enable": "false",
+            "num.network.threads": "2",
+            "num.io.threads": "4",
+            "log.retention.hours": "168",
+        }
+        if self.voters:
+            # Topics created without a replication factor (by other tools) are replicated too.
+            props["default.replication.factor"] = str(replicas)
+        return "".join(f"{key}={value}\n" for key, value in props.items())
+
+
+def kafka_nodes(settings: Settings) -> list[KafkaNode]:
+    """The nodes of the local Kafka the settings describe (``kafka_brokers`` of them)."""
+    ports = settings.kafka_node_ports()
+    if len(ports) == 1:
+        port, controller = ports[0]
+        return [KafkaNode(1, port, controller, settings.state_dir / "kafka")]
+    voters = tuple((i, controller) for i, (_, controller) in enumerate(ports, start=1))
+    return [
+        KafkaNode(i, port, controller, settings.state_dir / f"kafka-{i}", voters)
+        for i, (port, controller) in enumerate(ports, start=1)
+    ]
+
+
+def quorum_leader(nodes: list[KafkaNode]) -> tuple[int, int] | None:
+    """(leader id, epoch) of the controller quorum, as the nodes last recorded it.
+
+    Every KRaft node keeps its view in ``__cluster_metadata-0/quorum-state``; the newest epoch
+    wins. None when no node has seen a leader yet.
+    """
+    best: tuple[int, int] | None = None
+    for node in nodes:
+        try:
+            state = json.loads(
+                (node.data_dir / "__cluster_metadata-0" / "quorum-state").read_text()
+            )
+            leader, epoch = int(state["leaderId"]), int(state["leaderEpoch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if leader >= 0 and (best is None or epoch > best[1]):
+            best = (leader, epoch)
+    return best
+
+
 def _asset(name: str) -> str:
     return resources.files("stockflow.stack").joinpath("assets", "kafka", name).read_text()
 
 
 class KafkaService(Service):
-    """A single combined broker+controller node on loopback."""
+    """One node of the local Kafka on loopback (by default the only one)."""
 
     name = "kafka"
     external_kind = "kafka"
 
+    def __init__(self, settings: Settings, node: KafkaNode | None = None) -> None:
+        self.node = node or kafka_nodes(settings)[0]
+        self.name = self.node.name
+        super().__init__(settings)
+
     @property
     def port(self) -> int:
-        return self.settings.kafka_port
+        return self.node.port
+
+    @property
+    def port_variable(self) -> str:
+        if not self.node.voters:
+            return "STOCKFLOW_KAFKA_PORT"
+        offset = self.port - self.settings.kafka_port
+        return f"STOCKFLOW_KAFKA_PORT; node {self.node.node_id} uses it + {offset}"
 
     @property
     def address(self) -> str:
-        return self.settings.addresses()["kafka"]
+        if self.external or not self.node.voters:
+            return self.settings.addresses()["kafka"]
+        return f"{LOOPBACK}:{self.node.port}"
 
     @property
     def libs(self) -> Path:
@@ -64,7 +191,7 @@ class KafkaService(Service):
 
     @property
     def data_dir(self) -> Path:
-        return self.dir / "data"
+        return self.node.data_dir
 
     def log_paths(self) -> tuple[Path, ...]:
         return (self.logfile, self.dir / "logs" / "server.log")
@@ -107,33 +234,20 @@ class KafkaService(Service):
 
     # --- configuration and storage ---
     def server_properties(self) -> str:
-        s = self.settings
-        controller = f"127.0.0.1:{s.kafka_controller_port}"
-        props = {
-            "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.bootstrap.servers": controller,
-            "listeners": f"PLAINTEXT://127.0.0.1:{s.kafka_port},CONTROLLER://{controller}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{s.kafka_port},CONTROLLER://{controller}",
-            "controller.listener.names": "CONTROLLER",
-            "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-            "log.dirs": str(self.data_dir),
-            "num.partitions": "1",
-            "offsets.topic.replication.factor": "1",
-            "offsets.topic.num.partitions": "10",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
-            "transaction.state.log.num.partitions": "10",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
-            "group.initial.rebalance.delay.ms": "0",
-            "auto.create.topics.enable": "false",
-            "num.network.threads": "2",
-            "num.io.threads": "4",
-            "log.retention.hours": "168",
-        }
-        return "".join(f"{key}={value}\n" for key, value in props.items())
+        return self.node.server_properties()
+
+    def cluster_id(self) -> str:
+        """The id every node of a cluster is formatted with: made once, kept in the state
+        folder (a lone node gets a fresh one, as before)."""
+        if not self.node.voters:
+            return kraft_cluster_id()
+        path = self.settings.state_dir / "kafka-cluster.id"
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            cluster_id = kraft_cluster_id()
+            path.write_text(cluster_id + "\n")
+            return cluster_id
 
     def prepare(self, report: Reporter) -> None:
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -143,21 +257,24 @@ class KafkaService(Service):
         (self.dir / "log4j.properties").write_text(_asset("log4j.properties"))  # Kafka < 4
         if (self.data_dir / "meta.properties").exists():
             return
-        report("kafka: formatting KRaft storage (first start only)")
+        report(f"{self.name}: formatting KRaft storage (first start only)")
         cmd = [
             *self._java(),
             STORAGE_TOOL,
             "format",
             "--cluster-id",
-            kraft_cluster_id(),
+            self.cluster_id(),
             "--config",
             str(config),
-            "--standalone",
+            # A cluster's quorum is the static voter list of server.properties.
+            *([] if self.node.voters else ["--standalone"]),
             "--ignore-formatted",
         ]
         result = subprocess.run(cmd, capture_output=True, text=True, check=False, env=self._env())
         if result.returncode != 0:
-            raise ProvisionError(f"kafka: formatting storage failed:\n{result.stderr[-3000:]}")
+            raise ProvisionError(
+                f"{self.name}: formatting storage failed:\n{result.stderr[-3000:]}"
+            )
 
     def _java(self) -> list[str]:
         heap = self.settings.kafka_heap
@@ -185,6 +302,8 @@ class KafkaService(Service):
 
     # --- health ---
     def probe(self) -> str | None:
+        if self.node.voters and not self.external:
+            return self._probe_node()
         host, _, port = self.address.split(",")[0].rpartition(":")
         if not self.external and not process.port_open(host or "127.0.0.1", int(port)):
             return None
@@ -203,6 +322,36 @@ class KafkaService(Service):
         cluster = metadata.cluster_id
         return f"Apache Kafka {version} (KRaft, {brokers} broker{plural}, cluster {cluster})"
 
+    def _probe_node(self) -> str | None:
+        """A cluster node answers when it is itself among the brokers it reports (registered
+        with the controller quorum and unfenced)."""
+        if not process.port_open(LOOPBACK, self.node.port):
+            return None
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient(
+            self.settings.kafka_config(
+                **{
+                    "bootstrap.servers": f"{LOOPBACK}:{self.node.port}",
+                    "log_level": 0,
+                    "socket.timeout.ms": 2000,
+                }
+            )
+        )
+        try:
+            metadata = admin.list_topics(timeout=3)
+        except Exception:
+            return None
+        if self.node.node_id not in metadata.brokers:
+            return None
+        leader = quorum_leader(kafka_nodes(self.settings))
+        quorum = f"quorum leader node {leader[0]}, epoch {leader[1]}" if leader else "no leader"
+        return (
+            f"Apache Kafka {self._broker_version()} (KRaft, node {self.node.node_id}, "
+            f"{len(metadata.brokers)} of {len(self.node.voters)} brokers up, "
+            f"cluster {metadata.cluster_id}, {quorum})"
+        )
+
     def _broker_version(self) -> str:
         """The version the running broker logged at start (its jars' version as a fallback).
 
@@ -219,3 +368,31 @@ class KafkaService(Service):
             if found:
                 return str(found[-1])
         return self.settings.kafka_version
+
+
+def kafka_services(settings: Settings) -> list[KafkaService]:
+    """A service per node of the local Kafka (one, whose address is the user's, if external)."""
+    if settings.is_external("kafka"):
+        return [KafkaService(settings)]
+    return [KafkaService(settings, node) for node in kafka_nodes(settings)]
+
+
+def other_kafka_nodes(settings: Settings) -> list[KafkaService]:
+    """Running nodes of this state folder that the settings do not describe: a cluster left
+    up by ``stack up --brokers N`` when the settings say one node, or the other way round."""
+    if settings.is_external("kafka"):
+        return []
+    state = settings.state_dir
+    clustered = [f for f in state.glob("kafka-*") if f.name[6:].isdigit() and f.is_dir()]
+    layouts = [1, len(clustered)] if len(clustered) > 1 else [1]
+    wanted = {node.dir for node in kafka_nodes(settings)}
+    found: list[KafkaService] = []
+    for size in layouts:
+        layout = settings.model_copy(update={"kafka_brokers": size})
+        for node in kafka_nodes(layout):
+            if node.dir in wanted:
+                continue
+            service = KafkaService(layout, node)
+            if service.running_pid() is not None:
+                found.append(service)
+    return found

@@ -95,6 +95,11 @@ class Service(ABC):
             self.external_kind  # type: ignore[arg-type]
         )
 
+    @property
+    def port_variable(self) -> str:
+        """The setting that moves this service's port."""
+        return f"STOCKFLOW_{self.name.upper()}_PORT"
+
     def log_paths(self) -> tuple[Path, ...]:
         return (self.logfile,)
 
@@ -112,7 +117,7 @@ class Service(ABC):
         if process.port_open("127.0.0.1", self.port):
             raise PortInUseError(
                 f"{self.name}: port {self.port} is in use by a process stockflow did not start; "
-                f"stop it, or choose another port (STOCKFLOW_{self.name.upper()}_PORT)"
+                f"stop it, or choose another port ({self.port_variable})"
             )
         self.provision(report)
         self.dir.mkdir(parents=True, exist_ok=True)
