@@ -44,7 +44,7 @@ from stockflow.mongo import classify
 from stockflow.outcomes import Outcome, dead_letter_headers, source_of
 from stockflow.planner import MARKER, Decision, Entry, Plan, ProductChange, plan_batch
 from stockflow.retry import CircuitBreaker
-from stockflow.router import H_SOURCE, decode_message, decode_source
+from stockflow.router import H_SOURCE, H_SOURCE_ID, decode_message, decode_source
 
 log = logging.getLogger("stockflow.orders")
 
@@ -176,7 +176,16 @@ class Applier:
                 outputs.append(self.dead_letter(message, f"bad command: {exc.reason}", 1))
                 counts[Outcome.DEAD_LETTERED.value] += 1
                 continue
-            entries.append(Entry(position, source, command, self._topic_id(position.topic)))
+            source_id = headers.get(H_SOURCE_ID)
+            entries.append(
+                Entry(
+                    position,
+                    source,
+                    command,
+                    self._topic_id(position.topic),
+                    source_id.decode(errors="replace") if isinstance(source_id, bytes) else None,
+                )
+            )
         self._clock("decode")
         try:
             decisions = self._apply(entries)
@@ -296,11 +305,15 @@ class Applier:
     def dead_letter(self, message: Message, reason: str, attempts: int) -> Output:
         headers = dict(message.headers() or [])
         source = decode_source(headers.get(H_SOURCE)) or source_of(message)
+        source_id = headers.get(H_SOURCE_ID)
         return Output(
             self.settings.dlq_topic,
             message.value(),
             key=message.key(),
-            headers=dead_letter_headers(reason, source, attempts=attempts),
+            headers=[
+                *dead_letter_headers(reason, source, attempts=attempts),
+                *([(H_SOURCE_ID, source_id)] if isinstance(source_id, bytes) else []),
+            ],
         )
 
 

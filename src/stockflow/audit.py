@@ -7,7 +7,11 @@
    negative.
 2. Every message of the input topic must have exactly one outcome: the record of the id it
    claimed, a place in a claim's duplicates, or a dead letter; no claim may be left without
-   its record (pending).
+   its record (pending). Outcomes are matched to messages by input position, counting only
+   those of the input topic's current incarnation: each names Kafka's id of the input topic
+   it came from (``sourceId``), so a topic deleted and recreated under the same name, whose
+   positions start again at 0, is not taken for its predecessor. Outcomes that name no id
+   (recorded before ids were, or on a cluster without them) count as current.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ from typing import Any
 
 from stockflow.config import Settings
 from stockflow.dlq import read_dead_letters, read_topic_to_end
-from stockflow.ledger import claims_name
+from stockflow.errors import TopicError
+from stockflow.ledger import claims_name, parse_duplicate_note
 from stockflow.outcomes import Outcome, Source
 from stockflow.pipeline import Pipeline
 from stockflow.planner import MARKER, topic_entries
+from stockflow.topics import topic_id
 
 
 @dataclass
@@ -57,10 +63,27 @@ def _src(value: Any) -> Source | None:
     return Source.parse(value) if isinstance(value, str) else None
 
 
+def _input_topic_id(settings: Settings) -> str | None:
+    try:
+        return topic_id(settings, settings.topic)
+    except TopicError:
+        return None  # no input topic: no message to account for
+
+
 def run_audit(settings: Settings, pipeline: Pipeline, *, messages: bool = True) -> AuditReport:
     report = AuditReport()
     database = pipeline.mongo[settings.database]
+    current = _input_topic_id(settings) if messages else None
     seen: dict[Source, list[str]] = defaultdict(list)
+
+    def note(source: Source | None, source_id: Any, outcome: str) -> None:
+        """An outcome of the message at ``source``, unless of another input topic incarnation."""
+        if source is None:
+            return
+        if isinstance(source_id, str) and current is not None and source_id != current:
+            return
+        seen[source].append(outcome)
+
     deltas: dict[int, list[Change]] = defaultdict(list)
     for kind, name in (
         ("order", settings.orders_collection),
@@ -72,9 +95,7 @@ def run_audit(settings: Settings, pipeline: Pipeline, *, messages: bool = True) 
             ident = f"{kind} {record['_id']!r}"
             status = record.get("status")
             report.outcomes[str(status)] += 1
-            source = _src(record.get("source"))
-            if source is not None:
-                seen[source].append(f"{ident}: {status}")
+            note(_src(record.get("source")), record.get("sourceId"), f"{ident}: {status}")
             position = _src(record.get("position"))
             if status == Outcome.APPLIED.value and position is not None:
                 sign = -1 if kind == "order" else 1
@@ -90,20 +111,17 @@ def run_audit(settings: Settings, pipeline: Pipeline, *, messages: bool = True) 
             ident = f"{kind} {claim['_id']!r}"
             if claim["_id"] not in recorded:
                 report.pending.append(ident)
-                source = _src(claim.get("source"))
-                if source is not None:
-                    seen[source].append(f"{ident}: pending")
+                note(_src(claim.get("source")), claim.get("sourceId"), f"{ident}: pending")
             for dup in claim.get("duplicates", []) or []:
-                dup_source = Source.parse(str(dup))
+                dup_source, dup_id = parse_duplicate_note(str(dup))
                 if dup_source is not None:
-                    seen[dup_source].append(f"{ident}: duplicate")
+                    note(dup_source, dup_id, f"{ident}: duplicate")
                     report.outcomes[Outcome.DUPLICATE.value] += 1
     _check_products(pipeline, deltas, report)
     if messages:
         for letter in read_dead_letters(settings):
             report.outcomes[Outcome.DEAD_LETTERED.value] += 1
-            if letter.source is not None:
-                seen[letter.source].append(f"dead letter {letter.ref}: {letter.reason}")
+            note(letter.source, letter.source_id, f"dead letter {letter.ref}: {letter.reason}")
         for msg in read_topic_to_end(settings, settings.topic):
             report.messages_checked += 1
             source = Source(settings.topic, msg.partition(), msg.offset())  # type: ignore[attr-defined]

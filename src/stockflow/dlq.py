@@ -19,6 +19,7 @@ from stockflow.outcomes import (
     header_map,
 )
 from stockflow.producer import OrderProducer
+from stockflow.router import H_SOURCE_ID
 
 H_REPLAYED_FROM = "stockflow.replayed-from"
 
@@ -35,6 +36,8 @@ class DeadLetter:
     source: Source | None
     time: float | None
     attempts: int
+    source_id: str | None = None
+    """Kafka's id of the input topic the message was read from, if recorded."""
 
     @property
     def ref(self) -> str:
@@ -102,6 +105,7 @@ def read_dead_letters(settings: Settings) -> list[DeadLetter]:
                 source=dead_letter_source(headers),
                 time=at,
                 attempts=int(found.get(H_ATTEMPTS, "1") or 1),
+                source_id=found.get(H_SOURCE_ID),
             )
         )
     return letters

@@ -6,19 +6,23 @@ by its product, so every stock change of a product reaches one partition and so 
 applier: the single writer per product that stockflow's correctness rests on. Invalid messages
 go to the dead-letter topic with their original bytes and headers plus the reason. Outputs and
 input offsets are committed in one transaction (``consumer``), so nothing is routed twice.
+
+Commands and dead letters also carry Kafka's id of the input topic (``H_SOURCE_ID``): a topic
+deleted and recreated under the same name reuses its positions, and the audit tells the two
+incarnations' outcomes apart by it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from confluent_kafka import Message
 
 from stockflow.config import Settings
 from stockflow.consumer import Handled, Output
-from stockflow.errors import InvalidOrderError
+from stockflow.errors import InvalidOrderError, TopicError, TransientError
 from stockflow.orders import Command, decode_command
 from stockflow.outcomes import Source, dead_letter_headers, source_of
 from stockflow.retry import CircuitBreaker
@@ -29,6 +33,9 @@ H_SOURCE = "stockflow.source"
 """Header on a command: where it was on the input topic, as ``topic/partition/offset``."""
 H_CREATED = "stockflow.created"
 """Header on a command: the input message's timestamp (ms), for latency measurements."""
+H_SOURCE_ID = "stockflow.source.id"
+"""Header on a command and on the router's dead letters: Kafka's id of the input topic (absent
+when the cluster gives topics no ids)."""
 
 
 def encode_source(source: Source) -> bytes:
@@ -61,15 +68,49 @@ class Router:
 
     name = "router"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, *, topic_ids: Callable[[str], str | None] | None = None
+    ) -> None:
+        """``topic_ids`` looks up Kafka's id of the input topic (None: no id is recorded)."""
         self.settings = settings
         self.breaker = CircuitBreaker("router")
+        self.topic_ids = topic_ids
+        self._known_ids: dict[str, str | None] = {}
+        self._read: dict[tuple[str, int], int] = {}
+
+    def on_partitions_changed(self) -> None:
+        """The input topic may have been recreated meanwhile: learn its id again."""
+        self._known_ids.clear()
+        self._read.clear()
+
+    def _learn_topic_id(self, message: Message) -> None:
+        """Look the input topic's id up once, and again when a partition is read from an earlier
+        offset than before (the topic recreated under this consumer, which librdkafka reads
+        from its start again without any rebalance)."""
+        if self.topic_ids is None:
+            return
+        topic, partition, offset = message.topic() or "", message.partition(), message.offset()
+        key = (topic, partition or 0)
+        if (offset or 0) <= self._read.get(key, -1):
+            self._known_ids.pop(topic, None)
+        self._read[key] = offset or 0
+        if topic not in self._known_ids:
+            try:
+                self._known_ids[topic] = self.topic_ids(topic)
+            except TopicError as exc:
+                raise TransientError(f"cannot learn the id of topic {topic!r}: {exc}") from exc
+
+    def _incarnation(self, message: Message) -> list[tuple[str, bytes]]:
+        """The header naming the input topic's incarnation, if its id is known."""
+        uid = self._known_ids.get(message.topic() or "")
+        return [] if uid is None else [(H_SOURCE_ID, uid.encode())]
 
     def handle(self, messages: Sequence[Message]) -> Handled:
         outputs: list[Output] = []
         counts: Counter[str] = Counter()
         for message in messages:
             source = source_of(message)
+            self._learn_topic_id(message)
             try:
                 command = decode_message(self.settings, message)
             except InvalidOrderError as exc:
@@ -83,7 +124,11 @@ class Router:
                     self.settings.commands_topic,
                     command.encode(),
                     key=command.key,
-                    headers=[(H_SOURCE, encode_source(source)), (H_CREATED, str(created).encode())],
+                    headers=[
+                        (H_SOURCE, encode_source(source)),
+                        (H_CREATED, str(created).encode()),
+                        *self._incarnation(message),
+                    ],
                 )
             )
             counts["routed"] += 1
@@ -94,7 +139,14 @@ class Router:
             self.settings.dlq_topic,
             message.value(),
             key=message.key(),
-            headers=dead_letter_headers(
-                reason, source_of(message), attempts=attempts, original=message.headers()
-            ),
+            headers=[
+                *(
+                    header
+                    for header in dead_letter_headers(
+                        reason, source_of(message), attempts=attempts, original=message.headers()
+                    )
+                    if header[0] != H_SOURCE_ID  # a replayed dead letter's: another incarnation
+                ),
+                *self._incarnation(message),
+            ],
         )
