@@ -5,8 +5,9 @@ Each backend gets a fresh private instance (own port and state folder). Measured
 - start-up: process start until a MongoDB ping succeeds (PostgreSQL's own start apart);
 - the update stockflow does (``{product_id, stock >= q}`` + ``$inc``) from one writer on a
   100-product and a 10,000-product collection, and from four writers on distinct products;
-- lost updates: four writers decrementing one product at once (FerretDB v1 applies updates
-  as read-modify-write, so some are lost; the count shows how many);
+- lost updates: four writers decrementing one product at once (stock FerretDB v1 applies
+  updates as read-modify-write, so some are lost; the count shows how many; the local
+  build's compare-and-set patch loses none, ``bench/ferretdb_cas.py`` compares the builds);
 - bulk updates: one ``update`` command of N statements, for N below and above the
   connection-pool size (FerretDB v1 keeps each statement's cursor open until the command
   ends, so a command with more statements than the pool deadlocks the server).

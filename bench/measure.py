@@ -168,7 +168,7 @@ def watch_outcomes(
                 if message.error() is not None:
                     continue
                 event = decode_event(message.value() or b"")
-                ident = str(event.id)
+                ident = str(event.ident)
                 if ident not in watch.arrivals:
                     watch.arrivals[ident] = now
                     watch.decided[ident] = event.at

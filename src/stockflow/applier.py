@@ -9,9 +9,11 @@ pipelines sharing products are serialised by the compare-and-set). For a batch:
 3. write each product's change as a compare-and-set on the stock and marker it was planned
    from (the marker also lets a replay after a crash recognise what its commands topic, named
    by Kafka's topic id, already wrote);
-4. record the outcomes in the ledger;
+4. record the outcomes in the ledger (a dead-lettered command gets none: its claim is released,
+   so that its replay is decided afresh);
 5. refresh the cache entries of the products changed (MongoDB holds the change already);
-6. hand the outcome events (and dead letters) to the transaction that also commits offsets;
+6. keep the dead letters' originals in MongoDB, and hand the outcome events and dead letters
+   to the transaction that also commits offsets;
 7. once committed: print the seed's lines.
 
 Any crash between steps is repaired by replaying the batch: every step is idempotent.
@@ -37,11 +39,13 @@ from pymongo.errors import PyMongoError
 from stockflow.cache import ProductCache, product_version
 from stockflow.config import Settings
 from stockflow.consumer import Handled, Output
+from stockflow.deadletters import DeadLetterStore, FittedLetter, build, size_limit
 from stockflow.errors import ConcurrentWriteError, InvalidOrderError, TopicError, TransientError
 from stockflow.inventory import Inventory, Product
 from stockflow.ledger import Ledger, to_event
 from stockflow.mongo import classify
-from stockflow.outcomes import Outcome, dead_letter_headers, source_of
+from stockflow.orders import Command
+from stockflow.outcomes import Outcome, source_of
 from stockflow.planner import MARKER, Decision, Entry, Plan, ProductChange, plan_batch
 from stockflow.retry import CircuitBreaker
 from stockflow.router import H_SOURCE, H_SOURCE_ID, decode_message, decode_source
@@ -140,6 +144,7 @@ class Applier:
         inventory: Inventory,
         ledger: Ledger,
         cache: ProductCache,
+        store: DeadLetterStore | None = None,
         *,
         topic_ids: Callable[[str], str | None] | None = None,
     ) -> None:
@@ -148,6 +153,8 @@ class Applier:
         self.inventory = inventory
         self.ledger = ledger
         self.cache = cache
+        self._store = store
+        self.limit = size_limit(settings)
         self.breaker = CircuitBreaker("MongoDB")
         self.memory = ProductMemory()
         self.topic_ids = topic_ids
@@ -160,10 +167,18 @@ class Applier:
         self.listeners: list[Callable[[Decision], None]] = []
         """Called with each decision once its batch is committed (demo, tests, metrics)."""
 
+    @property
+    def store(self) -> DeadLetterStore:
+        """Where dead letters' originals are kept (default: in the ledger's database)."""
+        if self._store is None:
+            self._store = DeadLetterStore(self.ledger.database)
+        return self._store
+
     def handle(self, messages: Sequence[Message]) -> Handled:
         self._last_tick = time.perf_counter()
         entries: list[Entry] = []
         outputs: list[Output] = []
+        letters: list[FittedLetter] = []
         counts: Counter[str] = Counter()
         self._note_rewinds(messages)
         for message in messages:
@@ -173,17 +188,17 @@ class Applier:
             try:
                 command = decode_message(self.settings, message)
             except InvalidOrderError as exc:
-                outputs.append(self.dead_letter(message, f"bad command: {exc.reason}", 1))
+                letters.append(self._letter(message, f"bad command: {exc.reason}", 1))
+                outputs.append(self._output(letters[-1]))
                 counts[Outcome.DEAD_LETTERED.value] += 1
                 continue
-            source_id = headers.get(H_SOURCE_ID)
             entries.append(
                 Entry(
                     position,
                     source,
                     command,
                     self._topic_id(position.topic),
-                    source_id.decode(errors="replace") if isinstance(source_id, bytes) else None,
+                    _source_id(headers),
                 )
             )
         self._clock("decode")
@@ -206,13 +221,17 @@ class Applier:
             if decision.outcome is Outcome.DEAD_LETTERED:
                 position = decision.entry.position
                 message = by_position[(position.partition, position.offset)]
-                outputs.append(self.dead_letter(message, decision.reason or "unusable", 1))
+                reason = decision.reason or "unusable"
+                letters.append(self._letter(message, reason, 1, decision.entry.command))
+                outputs.append(self._output(letters[-1]))
         # Write-through now, before the commit: MongoDB already holds these changes (a replay
         # only re-derives them), so the cache is right even if the commit fails, and no crash
         # can fall between publishing an outcome and refreshing the entry it changed.
         applied = {d.entry.command.product_id for d in decisions if d.outcome is Outcome.APPLIED}
         self.cache.refresh(doc for pid in applied if (doc := self.memory.get(pid)) is not None)
         self._clock("refresh cache")
+        if letters:
+            self.store.keep(letters)  # the originals are durable before the dead letters commit
 
         def after_commit() -> None:
             for decision in decisions:
@@ -303,18 +322,62 @@ class Applier:
         return self._known_ids[topic]
 
     def dead_letter(self, message: Message, reason: str, attempts: int) -> Output:
+        """The dead letter of a message that kept failing: its original kept in MongoDB, and
+        the claim its attempts may have made released (so that its replay is decided afresh).
+        """
+        position = source_of(message)
         headers = dict(message.headers() or [])
-        source = decode_source(headers.get(H_SOURCE)) or source_of(message)
-        source_id = headers.get(H_SOURCE_ID)
+        source = decode_source(headers.get(H_SOURCE)) or position
+        try:
+            command: Command | None = decode_message(self.settings, message)
+        except InvalidOrderError:
+            command = None
+        letter = self._letter(message, reason, attempts, command)
+        if command is not None:
+            try:
+                self.ledger.release(
+                    [Entry(position, source, command, self._known_ids.get(position.topic))]
+                )
+            except PyMongoError as exc:
+                raise TransientError(f"MongoDB: cannot release a claim: {exc}") from exc
+        self.store.keep([letter])
+        return self._output(letter)
+
+    def _letter(
+        self, message: Message, reason: str, attempts: int, command: Command | None = None
+    ) -> FittedLetter:
+        headers = dict(message.headers() or [])
+        return build(
+            value=message.value(),
+            key=message.key(),
+            original_headers=None,  # the commands topic's own headers, not the input's
+            reason=reason,
+            source=decode_source(headers.get(H_SOURCE)) or source_of(message),
+            attempts=attempts,
+            stage=self.name,
+            limit=self.limit,
+            details=(
+                {"kind": command.kind, "id": command.id, "productId": command.product_id}
+                if command is not None
+                else None
+            ),
+            source_id=_source_id(headers),
+        )
+
+    def _output(self, letter: FittedLetter) -> Output:
         return Output(
             self.settings.dlq_topic,
-            message.value(),
-            key=message.key(),
-            headers=[
-                *dead_letter_headers(reason, source, attempts=attempts),
-                *([(H_SOURCE_ID, source_id)] if isinstance(source_id, bytes) else []),
-            ],
+            letter.value,
+            key=letter.key,
+            headers=letter.headers,
+            source=letter.source,
         )
+
+
+def _source_id(headers: Mapping[str, object]) -> str | None:
+    """Kafka's id of the input topic, as the router recorded it on a command."""
+    raw = headers.get(H_SOURCE_ID)
+    return raw.decode(errors="replace") if isinstance(raw, bytes) else None
 
 
 def _log_decision(decision: Decision) -> None:

@@ -7,11 +7,13 @@
    negative.
 2. Every message of the input topic must have exactly one outcome: the record of the id it
    claimed, a place in a claim's duplicates, or a dead letter; no claim may be left without
-   its record (pending). Outcomes are matched to messages by input position, counting only
-   those of the input topic's current incarnation: each names Kafka's id of the input topic
-   it came from (``sourceId``), so a topic deleted and recreated under the same name, whose
-   positions start again at 0, is not taken for its predecessor. Outcomes that name no id
-   (recorded before ids were, or on a cluster without them) count as current.
+   its record (pending). A dead letter that was replayed (``stockflow dlq replay`` marks the
+   copy with ``stockflow.replayed-from``) is not a final outcome: the replay's outcome is, so
+   the outcome counts hold each logical message once. Outcomes are matched to messages by
+   input position, counting only those of the input topic's current incarnation: each names
+   Kafka's id of the input topic it came from (``sourceId``), so a topic deleted and recreated
+   under the same name, whose positions start again at 0, is not taken for its predecessor.
+   Outcomes that name no id (recorded before ids were, or on a cluster without them) count.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stockflow.config import Settings
-from stockflow.dlq import read_dead_letters, read_topic_to_end
+from stockflow.deadletters import header_map
+from stockflow.dlq import H_REPLAYED_FROM, read_dead_letters, read_topic_to_end
 from stockflow.errors import TopicError
 from stockflow.ledger import claims_name, parse_duplicate_note
 from stockflow.outcomes import Outcome, Source
@@ -43,6 +46,8 @@ class AuditReport:
     without_outcome: list[str] = field(default_factory=list)
     several_outcomes: list[str] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
+    replayed: int = 0
+    """Dead letters replayed into the input topic (counted by their replay's outcome)."""
 
     @property
     def discrepancies(self) -> int:
@@ -59,6 +64,9 @@ class AuditReport:
         return self.discrepancies == 0
 
 
+Doc = dict[str, Any]
+
+
 def _src(value: Any) -> Source | None:
     return Source.parse(value) if isinstance(value, str) else None
 
@@ -70,20 +78,27 @@ def _input_topic_id(settings: Settings) -> str | None:
         return None  # no input topic: no message to account for
 
 
+class _Seen(defaultdict[Source, list[str]]):
+    """Outcomes by input position, of the input topic's current incarnation only."""
+
+    def __init__(self, current: str | None) -> None:
+        super().__init__(list)
+        self.current = current
+
+    def note(self, source: Source | None, source_id: Any, outcome: str) -> bool:
+        """Note an outcome of the message at ``source``; False if of another incarnation."""
+        if source is None:
+            return False
+        if isinstance(source_id, str) and self.current is not None and source_id != self.current:
+            return False
+        self[source].append(outcome)
+        return True
+
+
 def run_audit(settings: Settings, pipeline: Pipeline, *, messages: bool = True) -> AuditReport:
     report = AuditReport()
     database = pipeline.mongo[settings.database]
-    current = _input_topic_id(settings) if messages else None
-    seen: dict[Source, list[str]] = defaultdict(list)
-
-    def note(source: Source | None, source_id: Any, outcome: str) -> None:
-        """An outcome of the message at ``source``, unless of another input topic incarnation."""
-        if source is None:
-            return
-        if isinstance(source_id, str) and current is not None and source_id != current:
-            return
-        seen[source].append(outcome)
-
+    seen = _Seen(_input_topic_id(settings) if messages else None)
     deltas: dict[int, list[Change]] = defaultdict(list)
     for kind, name in (
         ("order", settings.orders_collection),
@@ -94,8 +109,10 @@ def run_audit(settings: Settings, pipeline: Pipeline, *, messages: bool = True) 
             recorded.add(record["_id"])
             ident = f"{kind} {record['_id']!r}"
             status = record.get("status")
+            if status == Outcome.DEAD_LETTERED.value:
+                continue  # written by earlier versions: the dead letter itself is the outcome
             report.outcomes[str(status)] += 1
-            note(_src(record.get("source")), record.get("sourceId"), f"{ident}: {status}")
+            seen.note(_src(record.get("source")), record.get("sourceId"), f"{ident}: {status}")
             position = _src(record.get("position"))
             if status == Outcome.APPLIED.value and position is not None:
                 sign = -1 if kind == "order" else 1
@@ -107,21 +124,30 @@ def run_audit(settings: Settings, pipeline: Pipeline, *, messages: bool = True) 
                         sign * int(record["quantity"]),
                     )
                 )
+        noted: dict[Any, set[str]] = {}  # live claims' duplicates, by id
+        released: list[Doc] = []
         for claim in database[claims_name(name)].find({}):
+            if claim.get("released"):
+                released.append(claim)
+                continue
             ident = f"{kind} {claim['_id']!r}"
+            noted[claim["_id"]] = set(claim.get("duplicates") or [])
             if claim["_id"] not in recorded:
                 report.pending.append(ident)
-                note(_src(claim.get("source")), claim.get("sourceId"), f"{ident}: pending")
-            for dup in claim.get("duplicates", []) or []:
-                dup_source, dup_id = parse_duplicate_note(str(dup))
-                if dup_source is not None:
-                    note(dup_source, dup_id, f"{ident}: duplicate")
-                    report.outcomes[Outcome.DUPLICATE.value] += 1
+                seen.note(_src(claim.get("source")), claim.get("sourceId"), f"{ident}: pending")
+            _count_duplicates(ident, claim.get("duplicates") or [], seen, report)
+        for claim in released:
+            # A copy noted on a released claim and again on the id's live claim (its batch was
+            # redone after the release, and the id claimed afresh) is one duplicate.
+            again = noted.get(claim.get("claimOf"), set())
+            dups = [dup for dup in claim.get("duplicates") or [] if dup not in again]
+            _count_duplicates(f"{kind} {claim['_id']!r}", dups, seen, report)
     _check_products(pipeline, deltas, report)
     if messages:
-        for letter in read_dead_letters(settings):
-            report.outcomes[Outcome.DEAD_LETTERED.value] += 1
-            note(letter.source, letter.source_id, f"dead letter {letter.ref}: {letter.reason}")
+        letters = read_dead_letters(settings)
+        for letter in letters:
+            seen.note(letter.source, letter.source_id, f"dead letter {letter.ref}: {letter.reason}")
+        replays: set[str] = set()
         for msg in read_topic_to_end(settings, settings.topic):
             report.messages_checked += 1
             source = Source(settings.topic, msg.partition(), msg.offset())  # type: ignore[attr-defined]
@@ -130,7 +156,24 @@ def run_audit(settings: Settings, pipeline: Pipeline, *, messages: bool = True) 
                 report.without_outcome.append(str(source))
             elif len(found) > 1:
                 report.several_outcomes.append(f"{source}: {'; '.join(found)}")
+            marker = header_map(msg.headers()).get(H_REPLAYED_FROM)  # type: ignore[attr-defined]
+            if marker is not None:
+                topic, _, ref = marker.rpartition("/")
+                if topic == settings.dlq_topic:
+                    replays.add(ref)
+        for letter in letters:
+            if letter.ref in replays:
+                report.replayed += 1
+            else:
+                report.outcomes[Outcome.DEAD_LETTERED.value] += 1
     return report
+
+
+def _count_duplicates(ident: str, duplicates: list[Any], seen: _Seen, report: AuditReport) -> None:
+    for dup in duplicates:
+        dup_source, dup_id = parse_duplicate_note(str(dup))
+        if seen.note(dup_source, dup_id, f"{ident}: duplicate"):
+            report.outcomes[Outcome.DUPLICATE.value] += 1
 
 
 @dataclass(frozen=True, slots=True)

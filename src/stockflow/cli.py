@@ -201,6 +201,79 @@ def topics_list() -> None:
     console.print(table)
 
 
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+
+@topics_app.command("describe")
+def topics_describe(
+    name: Annotated[str, typer.Argument(help="Topic name.")], as_json: JsonOpt = False
+) -> None:
+    """Show a topic's partitions: leader, replicas, in-sync replicas and end offset."""
+    from dataclasses import asdict
+
+    from stockflow.topics import describe_topic
+
+    topic = describe_topic(settings(), name)
+    if as_json:
+        print(json.dumps(asdict(topic), indent=2))
+        return
+    console.print(
+        f"topic {topic.name} (id {topic.topic_id or '-'}): {len(topic.partitions)} partition(s)"
+    )
+    table = Table("partition", "leader", "replicas", "in-sync", "end offset")
+    for p in topic.partitions:
+        table.add_row(
+            str(p.partition),
+            "-" if p.leader is None else str(p.leader),
+            ",".join(map(str, p.replicas)),
+            ",".join(map(str, p.in_sync)),
+            str(p.end_offset),
+        )
+    console.print(table)
+
+
+@app.command("groups")
+def groups(
+    group: Annotated[
+        str | None,
+        typer.Argument(help="The pipeline's group (the appliers') [default: STOCKFLOW_GROUP_ID]."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show both stages' consumer groups (GROUP-router and GROUP): members, their assigned
+    partitions, and per partition the committed offset, end offset and lag."""
+    from dataclasses import asdict
+
+    from stockflow.groups import pipeline_groups
+
+    found = pipeline_groups(settings(), group)
+    if as_json:
+        print(json.dumps([{**asdict(g), "lag": g.lag} for g in found], indent=2))
+        return
+    for g in found:
+        console.print(
+            f"[bold]{g.group_id}[/bold] ({g.stage} stage): {g.state}, {len(g.members)} member(s), "
+            f"coordinator {g.coordinator if g.coordinator is not None else '-'}, lag {g.lag}"
+        )
+        members = Table("client id", "host", "member id", "assigned")
+        for m in g.members:
+            assigned = ", ".join(f"{t}[{p}]" for t, p in m.assignment) or "-"
+            members.add_row(m.client_id, m.host, m.member_id, assigned)
+        if g.members:
+            console.print(members)
+        table = Table("topic", "partition", "committed", "end offset", "lag", "owner")
+        for row in g.partitions:
+            table.add_row(
+                row.topic,
+                str(row.partition),
+                "-" if row.committed is None else str(row.committed),
+                str(row.end_offset),
+                str(row.lag),
+                row.owner or "-",
+            )
+        console.print(table)
+
+
 # --- products ---
 @products_app.command("seed")
 def products_seed() -> None:
@@ -255,9 +328,25 @@ def produce(
     raw: Annotated[
         bool, typer.Option(help="Send the lines as they are, without validating them.")
     ] = False,
+    partitioner: Annotated[
+        str | None,
+        typer.Option(
+            help="Where orders go: product (key = productId, the default), partition (all to "
+            "--partition N), round-robin, customer (key = customerId, else productId) or "
+            "broadcast (each to every --partitions 0,2,5 or all). Prints each order's partition.",
+        ),
+    ] = None,
+    partition: Annotated[
+        int | None, typer.Option(help="The partition of --partitioner partition.")
+    ] = None,
+    partitions: Annotated[
+        str | None,
+        typer.Option(help="The partitions of --partitioner broadcast: 0,2,5 or all."),
+    ] = None,
 ) -> None:
     """Publish orders with delivery reports; exits 1 if any order is invalid or undelivered."""
     from stockflow.orders import decode_order
+    from stockflow.partitioning import make_partitioner
     from stockflow.producer import OrderProducer
 
     lines = list(orders or [])
@@ -265,22 +354,38 @@ def produce(
         lines.extend(_read_lines(file))
     if not lines:
         raise typer.BadParameter("give orders as arguments or with --file")
+    if raw and partitioner is not None:
+        raise typer.BadParameter("--raw sends lines unread; --partitioner needs valid orders")
+    strategy = make_partitioner(
+        partitioner or "product", partition=partition, partitions=partitions
+    )
     from stockflow.topics import require_topic
 
     s = settings(topic=topic)
     require_topic(s, s.topic)
     invalid = 0
-    with OrderProducer(s) as producer:
+    placed: dict[int, tuple[int | str, list[int]]] = {}
+    with OrderProducer(s, partitioner=strategy) as producer:
         for number, line in enumerate(lines, 1):
             if raw:
                 producer.send_raw(line.encode())
                 continue
             try:
-                producer.send(decode_order(line.encode()))
+                # The limits the worker applies, so what is sent is what the worker accepts.
+                limits = {"max_bytes": s.max_message_bytes, "max_quantity": s.max_quantity}
+                order = decode_order(line.encode(), **limits)
             except InvalidOrderError as exc:
                 invalid += 1
                 err.print(f"[red]order {number} not sent:[/red] {exc.reason}")
+                continue
+            placed[number] = (order.order_id, [])
+            producer.send(order, on_partition=placed[number][1].append)
         report = producer.flush()
+    if partitioner is not None:
+        for number, (order_id, where) in placed.items():
+            listed = ", ".join(map(str, sorted(where))) or "not delivered"
+            word = "partitions" if len(where) > 1 else "partition"
+            console.print(f"order {number} (orderId {order_id}) -> {word} {listed}")
     console.print(
         f"{report.delivered} delivered to {s.topic}, {report.failed} failed, {invalid} invalid"
     )
@@ -322,6 +427,15 @@ def consume(
         Path | None,
         typer.Option(help="At exit, write what the worker did (counts, seconds per step) as JSON."),
     ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Worker processes to run under this supervisor, each a member of the "
+            "consumer groups (Kafka spreads the partitions over them); each is restarted on "
+            "its own; --max-messages then counts for each.",
+        ),
+    ] = 1,
     supervisor_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Run a worker: route the topic's orders by product, apply them to stock exactly once.
@@ -335,6 +449,10 @@ def consume(
     if not set(roles) <= {"router", "applier"}:
         raise typer.BadParameter("--role is router, applier or both")
     s = settings(topic=topic, group_id=group)  # a configuration error stops here, once
+    if workers > 1 and not supervise:
+        raise typer.BadParameter("--workers N runs N processes under a supervisor")
+    if workers > 1 and stats_file is not None:
+        raise typer.BadParameter("--stats-file is for one worker (each would overwrite it)")
     if supervise:
         from stockflow.supervisor import supervise as run_supervised
 
@@ -345,7 +463,7 @@ def consume(
         args += ["--max-messages", str(max_messages)] if max_messages is not None else []
         args += ["--stats-file", str(stats_file)] if stats_file is not None else []
         say = lambda line: err.print(f"[yellow]{escape(line)}[/yellow]")  # noqa: E731
-        raise typer.Exit(run_supervised(args, say=say))
+        raise typer.Exit(run_supervised(args, say=say, workers=workers))
     if supervisor_pid is not None:
         from stockflow.supervisor import die_with_parent
 

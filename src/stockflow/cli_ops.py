@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sys
 import time
 import uuid
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 from stockflow.cli import TopicOpt, app, console, err, products_app, settings
+from stockflow.config import Settings
 from stockflow.errors import StockflowError
+
+if TYPE_CHECKING:
+    from stockflow.dlq import DeadLetter
+
+REPLAY_CHUNK = 1000
+"""Dead letters sent (and flushed) at a time by `dlq replay`, with a progress line between."""
 
 orders_app = typer.Typer(help="What happened to an order.", no_args_is_help=True)
 dlq_app = typer.Typer(help="Inspect and replay dead letters.", no_args_is_help=True)
@@ -46,17 +54,29 @@ def _show_record(record: dict[str, Any]) -> None:
 
 @orders_app.command("show")
 def orders_show(order_id: Annotated[str, typer.Argument(help="The order's orderId.")]) -> None:
-    """Show an order's outcome: status, stock after it, where it came from, its duplicates."""
+    """Show an order's outcome: status, stock after it, where it came from, its duplicates,
+    and any dead letter the applier made of it earlier."""
+    from stockflow.deadletters import DeadLetterStore
     from stockflow.ledger import Ledger
     from stockflow.pipeline import open_pipeline
 
     s = settings()
     with open_pipeline(s) as pipeline:
-        ledger = Ledger(pipeline.mongo[s.database], s.orders_collection, s.restocks_collection)
+        database = pipeline.mongo[s.database]
+        ledger = Ledger(database, s.orders_collection, s.restocks_collection)
+        store = DeadLetterStore(database)
         for ident in _ident(order_id):
             record = ledger.find("order", ident)
+            history = store.find_command("order", ident)
             if record is not None:
                 _show_record(record)
+            for letter in history:
+                console.print(
+                    f"dead-lettered ({letter.get('stage')}) from {letter['_id']} at "
+                    f"{_when(letter.get('at'))}: {letter.get('reason')}",
+                    markup=False,
+                )
+            if record is not None or history:
                 return
     err.print(f"no outcome recorded for order {order_id!r} (not consumed yet, or unknown)")
     raise typer.Exit(1)
@@ -89,6 +109,7 @@ def products_restock(
 
     Sending the same --restock-id twice adds the stock once.
     """
+    from stockflow.deadletters import DeadLetterStore
     from stockflow.ledger import PENDING, Ledger
     from stockflow.orders import Restock, validate
     from stockflow.pipeline import open_pipeline
@@ -105,13 +126,19 @@ def products_restock(
     if wait <= 0:
         return
     with open_pipeline(s) as pipeline:
-        ledger = Ledger(pipeline.mongo[s.database], s.orders_collection, s.restocks_collection)
+        database = pipeline.mongo[s.database]
+        ledger = Ledger(database, s.orders_collection, s.restocks_collection)
+        store = DeadLetterStore(database)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             record = ledger.find("restock", command.restock_id)
             if record is not None and record.get("status") != PENDING:
                 _show_record(record)
                 return
+            dead = store.find_command("restock", command.restock_id)
+            if dead:
+                reason = dead[-1].get("reason")
+                raise StockflowError(f"restock {command.restock_id} was dead-lettered: {reason}")
             time.sleep(0.2)
     err.print(f"no outcome within {wait:.0f}s: is a worker (`stockflow consume`) running?")
     raise typer.Exit(1)
@@ -119,60 +146,137 @@ def products_restock(
 
 @dlq_app.command("list")
 def dlq_list(topic: TopicOpt = None) -> None:
-    """List dead letters: where each came from, why, and its first bytes."""
+    """List dead letters: where each came from, why, its size and first bytes."""
     from stockflow.dlq import read_dead_letters
 
     s = settings(topic=topic)
     letters = read_dead_letters(s)
-    table = Table("ref", "source", "reason", "value", "time")
+    table = Table("ref", "source", "stage", "reason", "bytes", "value", "time")
     for letter in letters:
         value = (letter.value or b"")[:40].decode(errors="replace")
-        table.add_row(letter.ref, str(letter.source), letter.reason, value, _when(letter.time))
+        size = "-" if letter.size is None else str(letter.size)
+        if letter.truncated:
+            size += " (cut)"
+        table.add_row(
+            letter.ref,
+            str(letter.source),
+            letter.stage,
+            letter.reason,
+            size,
+            value,
+            _when(letter.time),
+        )
     console.print(table)
     console.print(f"{len(letters)} dead letter(s) on {s.dlq_topic}")
 
 
-def _find(ref: str, topic: str | None) -> Any:
-    from stockflow.dlq import read_dead_letters
+def _find(s: Settings, ref: str) -> DeadLetter:
+    from stockflow.dlq import read_dead_letters, select
 
-    for letter in read_dead_letters(settings(topic=topic)):
-        if letter.ref == ref:
-            return letter
-    raise StockflowError(f"no dead letter {ref} (see `stockflow dlq list`)")
+    [letter] = select(read_dead_letters(s), refs=[ref])
+    return letter
 
 
 @dlq_app.command("show")
 def dlq_show(
     ref: Annotated[str, typer.Argument(help="partition:offset, from `dlq list`")],
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Write only the original bytes to stdout.")
+    ] = False,
     topic: TopicOpt = None,
 ) -> None:
-    """Show one dead letter whole: its reason, source, headers and original bytes."""
-    letter = _find(ref, topic)
-    console.print(f"ref:      {letter.ref}\nsource:   {letter.source}\nreason:   {letter.reason}")
+    """Show one dead letter whole: its reason, source, headers and original bytes.
+
+    A dead letter too large for the topic was cut to fit; its original comes from MongoDB.
+    """
+    from stockflow.deadletters import DeadLetterStore
+    from stockflow.dlq import original_of, parse_ref
+    from stockflow.pipeline import open_pipeline
+
+    parse_ref(ref)
+    s = settings(topic=topic)
+    letter = _find(s, ref)
+    with open_pipeline(s) as pipeline:
+        original = original_of(letter, DeadLetterStore(pipeline.mongo[s.database]))
+    if raw:
+        sys.stdout.buffer.write(original.value)
+        sys.stdout.buffer.flush()
+        return
+    cut = f" (the topic's copy lacks: {', '.join(letter.truncated)})" if letter.truncated else ""
+    console.print(f"ref:      {letter.ref}\nsource:   {letter.source}\nstage:    {letter.stage}")
+    console.print(f"reason:   {letter.reason}", markup=False)
     console.print(f"time:     {_when(letter.time)}\nattempts: {letter.attempts}")
-    console.print(f"key:      {letter.key!r}\nvalue:    {letter.value!r}", markup=False)
+    console.print(f"size:     {len(original.value)} bytes{cut}\nsha256:   {original.sha256}")
+    for name, value in original.headers:
+        console.print(f"header:   {name}={value!r}", markup=False)
+    console.print(f"key:      {original.key!r}\nvalue:    {original.value!r}", markup=False)
 
 
 @dlq_app.command("replay")
 def dlq_replay(
-    refs: Annotated[list[str], typer.Argument(help="partition:offset of each to replay")],
+    refs: Annotated[
+        list[str] | None, typer.Argument(help="partition:offset of each to replay")
+    ] = None,
+    reason: Annotated[
+        str | None,
+        typer.Option(help="Also replay every dead letter whose reason contains TEXT."),
+    ] = None,
+    every: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
+    again: Annotated[
+        bool,
+        typer.Option(help="With --reason/--all, include dead letters replayed before."),
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would be re-sent; send nothing.")
+    ] = False,
     value: Annotated[
         str | None, typer.Option(help="Corrected message to send instead (one ref only).")
     ] = None,
     topic: TopicOpt = None,
 ) -> None:
-    """Publish chosen dead letters to the input topic again, as they are or corrected.
+    """Publish dead letters to the input topic again, whole, as they are or corrected.
 
-    A corrected order keeps its orderId, so replaying it twice still applies it once.
+    Choose them by ref, by --reason, or --all (those two skip dead letters replayed before,
+    unless --again). A replayed order keeps its orderId, so replaying it twice applies it once.
     """
-    from stockflow.dlq import replay
+    from stockflow.deadletters import DeadLetterStore
+    from stockflow.dlq import original_of, read_dead_letters, replay, select
+    from stockflow.pipeline import open_pipeline
 
-    if value is not None and len(refs) != 1:
-        raise typer.BadParameter("--value replaces one dead letter: give exactly one ref")
+    if not refs and reason is None and not every:
+        raise StockflowError("name the dead letters to replay: REF..., --reason TEXT or --all")
     s = settings(topic=topic)
-    letters = [_find(ref, topic) for ref in refs]
-    count = replay(s, letters, value=value.encode() if value is not None else None)
-    console.print(f"replayed {count} dead letter(s) to {s.topic}")
+    letters = read_dead_letters(s)
+    chosen = select(letters, refs=refs or [], reason=reason, every=every)
+    with open_pipeline(s) as pipeline:
+        store = DeadLetterStore(pipeline.mongo[s.database])
+        if (reason is not None or every) and not again:
+            named = set(refs or [])
+            done = store.replayed([c.source for c in chosen if c.source is not None])
+            skipped = [c for c in chosen if c.source in done and c.ref not in named]
+            chosen = [c for c in chosen if c not in skipped]
+            if skipped:
+                console.print(f"skipping {len(skipped)} dead letter(s) replayed before (--again)")
+        if value is not None and len(chosen) != 1:
+            raise StockflowError(f"--value replaces one dead letter; {len(chosen)} selected")
+        for letter in chosen:
+            original = original_of(letter, store)
+            if dry_run:
+                console.print(
+                    f"would replay {letter.ref} ({letter.source}, {len(original.value)} bytes): "
+                    f"{letter.reason}",
+                    markup=False,
+                )
+        if dry_run:
+            console.print(f"dry run: {len(chosen)} dead letter(s) would be replayed to {s.topic}")
+            return
+        sent = 0
+        for start in range(0, len(chosen), REPLAY_CHUNK):
+            chunk = chosen[start : start + REPLAY_CHUNK]
+            sent += replay(s, chunk, store, value=value.encode() if value is not None else None)
+            if len(chosen) > REPLAY_CHUNK:
+                err.print(f"replayed {sent}/{len(chosen)}")
+    console.print(f"replayed {sent} dead letter(s) to {s.topic}")
 
 
 @app.command()
@@ -195,6 +299,7 @@ def audit(
     console.print(
         f"checked {report.products_checked} product(s), {report.messages_checked} message(s); "
         f"outcomes: {dict(sorted(report.outcomes.items()))}"
+        + (f"; {report.replayed} dead letter(s) replayed" if report.replayed else "")
     )
     for title, rows in (
         ("stock differs from outcomes", report.stock_mismatches),

@@ -46,16 +46,9 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from stockflow import kafka_clients
 from stockflow.config import Settings
+from stockflow.deadletters import H_REASON, dead_letter_headers, dead_letter_source, header_map
 from stockflow.errors import ServiceUnavailableError, TransientError
-from stockflow.outcomes import (
-    H_REASON,
-    Headers,
-    Source,
-    dead_letter_headers,
-    dead_letter_source,
-    header_map,
-    source_of,
-)
+from stockflow.outcomes import Headers, Source, source_of
 from stockflow.retry import CircuitBreaker
 from stockflow.watchdog import CallAbandoned, Watchdog, exit_stuck
 
@@ -128,7 +121,8 @@ class Handler(Protocol):
         ...
 
     def dead_letter(self, message: Message, reason: str, attempts: int) -> Output:
-        """The dead-letter record of a message that cannot be handled."""
+        """The dead-letter record of a message that cannot be handled; TransientError when
+        what it needs to make one (MongoDB, where originals are kept) is unavailable."""
         ...
 
 
@@ -722,7 +716,13 @@ class TransactionalLoop:
                         self.handler.name, message.topic(), message.partition(),
                         message.offset(), reason, traceback.format_exc(limit=3),
                     )  # fmt: skip
-                    merged.outputs.append(self.handler.dead_letter(message, reason, attempt))
+                    try:
+                        letter = self.handler.dead_letter(message, reason, attempt)
+                    except TransientError as dead_letter_exc:
+                        # The handler keeps dead letters' originals (MongoDB): an outage.
+                        self.handler.breaker.failed(dead_letter_exc)
+                        return None  # redo the whole batch once the outage is over
+                    merged.outputs.append(letter)
                     merged.counts["dead_lettered"] += 1
                     break
                 self.handler.breaker.succeeded()

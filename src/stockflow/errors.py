@@ -47,8 +47,16 @@ class ProduceError(StockflowError):
     """One or more messages were not acknowledged by Kafka."""
 
 
+class PartitionerError(StockflowError):
+    """A partitioning strategy was asked for something it cannot do (a missing partition)."""
+
+
 class TopicError(StockflowError):
     """A topic could not be created, listed or described."""
+
+
+class GroupError(StockflowError):
+    """A consumer group could not be found or described."""
 
 
 class KafkaUnavailableError(TopicError, ServiceUnavailableError):

@@ -18,13 +18,14 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from pymongo import ReplaceOne, UpdateOne
+from pymongo import UpdateOne
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError
 
+from stockflow.errors import ConcurrentWriteError
 from stockflow.outcomes import Outcome, OutcomeEvent, Source
-from stockflow.planner import Decision, Entry, owner_key
+from stockflow.planner import Decision, Entry, Owner, owner_key
 
 Doc = dict[str, Any]
 T = TypeVar("T")
@@ -37,6 +38,8 @@ SQLite) runs dry across all concurrent commands: keep update commands small."""
 INSERT_CHUNK = 500
 """Documents per insert command (FerretDB inserts a batch in one statement)."""
 DUPLICATE_KEY = 11000
+CLAIM_ROUNDS = 3
+"""Attempts at claiming an id whose claim vanishes in between (released by another applier)."""
 
 
 def _src(source: Source) -> str:
@@ -58,6 +61,11 @@ def parse_duplicate_note(text: str) -> tuple[Source | None, str | None]:
     """The inverse of ``duplicate_note``: position and input topic id (None if absent)."""
     position, _, source_id = text.partition("#")
     return Source.parse(position), source_id or None
+
+
+def _owner(claim: Doc, position: Source) -> Owner:
+    topic_id = claim.get("topicId")
+    return Owner(position, topic_id if isinstance(topic_id, str) else None)
 
 
 def chunks(items: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
@@ -114,6 +122,7 @@ class Ledger:
         *,
         pool: ThreadPoolExecutor | None = None,
     ) -> None:
+        self.database = database
         self.records: dict[str, Collection[Doc]] = {
             "order": database[orders],
             "restock": database[restocks],
@@ -124,37 +133,95 @@ class Ledger:
         }
         self.pool = pool
 
-    def claim(self, entries: Sequence[Entry]) -> dict[tuple[str, int | str], Source]:
-        """Claim each entry's id; returns who owns every id of the batch (a position).
+    def claim(self, entries: Sequence[Entry]) -> dict[tuple[str, int | str], Owner]:
+        """Claim each entry's id; returns who owns every id of the batch (a position, and the
+        commands topic's id: a recreated topic repeats positions).
 
         New ids are claimed by their entry; for ids already claimed the existing owner is
         returned, which makes a later copy a duplicate (or, after a crash, recognises the
-        batch's own earlier claim).
+        batch's own earlier claim). An id whose claim vanished between the two steps (its
+        owner was dead-lettered and released it) is claimed again.
         """
-        owners: dict[tuple[str, int | str], Source] = {}
+        owners: dict[tuple[str, int | str], Owner] = {}
         for kind, collection in self.claims.items():
             first: dict[int | str, Entry] = {}
             for entry in entries:
                 if entry.command.kind == kind:
                     first.setdefault(entry.command.id, entry)
-            if not first:
-                continue
-            taken = insert_all(collection, [self._claim(e) for e in first.values()], self.pool)
             for ident, entry in first.items():
-                owners[(kind, ident)] = entry.position
+                owners[(kind, ident)] = Owner(entry.position, entry.topic_id)
 
             # By _id one at a time: an index lookup each, whatever the collection's size.
             def owner_of(ident: Any, c: Collection[Doc] = collection) -> Doc | None:
-                return c.find_one({"_id": ident}, {"position": 1})
+                return c.find_one({"_id": ident}, {"position": 1, "topicId": 1})
 
-            found = side_by_side(self.pool, owner_of, taken)
-            for doc in found:
-                if doc is None:
-                    continue
-                position = _from_src(doc.get("position"))
-                if position is not None:
-                    owners[(kind, doc["_id"])] = position
+            todo = list(first.values())
+            again: list[Entry] = []  # claimed before by this very delivery (a replay)
+            for _ in range(CLAIM_ROUNDS):
+                if not todo:
+                    break
+                taken = list(insert_all(collection, [self._claim(e) for e in todo], self.pool))
+                found = side_by_side(self.pool, owner_of, taken)
+                todo = [first[ident] for ident, doc in zip(taken, found, strict=True) if not doc]
+                for doc in found:
+                    position = _from_src(doc.get("position")) if doc else None
+                    if doc and position is not None:
+                        owner = owners[(kind, doc["_id"])] = _owner(doc, position)
+                        if owner.owns(first[doc["_id"]]):
+                            again.append(first[doc["_id"]])
+            if todo:
+                raise ConcurrentWriteError(f"claims of {len(todo)} id(s) kept vanishing")
+            for entry, told in zip(again, self._recorded(kind, again), strict=True):
+                if told is not None:
+                    owners[(kind, entry.command.id)] = told
         return owners
+
+    def _recorded(self, kind: str, entries: Sequence[Entry]) -> list[Owner | None]:
+        """Each entry as an owner with its recorded outcome (None: not recorded yet)."""
+        fields = {"status": 1, "stockAfter": 1, "reason": 1, "position": 1, "topicId": 1}
+
+        def record_of(entry: Entry) -> Owner | None:
+            record = self.records[kind].find_one({"_id": entry.command.id}, fields)
+            position = _from_src(record.get("position")) if record else None
+            if record is None or position is None or not _owner(record, position).owns(entry):
+                return None
+            try:
+                outcome = Outcome(str(record.get("status")))
+            except ValueError:
+                return None
+            stock = record.get("stockAfter")
+            reason = record.get("reason")
+            return Owner(
+                entry.position,
+                entry.topic_id,
+                outcome,
+                stock if isinstance(stock, int) and not isinstance(stock, bool) else None,
+                reason if isinstance(reason, str) else None,
+            )
+
+        return side_by_side(self.pool, record_of, entries)
+
+    def release(self, entries: Sequence[Entry]) -> None:
+        """Free the ids these entries own (they were dead-lettered), so that a replay of one
+        is decided afresh; the claim, with any duplicates noted on it, is kept under another
+        ``_id`` (``<id>@released@<position>``, marked ``released``) for the audit and history.
+        """
+        for entry in entries:
+            kind, ident = entry.command.kind, entry.command.id
+            mine = {"_id": ident, "position": _src(entry.position)}
+            claim = self.claims[kind].find_one(mine)
+            if claim is None or not _owner(claim, entry.position).owns(entry):
+                # Released already (a redone batch), or owned by another entry (maybe at this
+                # position of a deleted incarnation of the topic).
+                continue
+            kept = {
+                **claim,
+                "_id": f"{ident}@released@{entry.position}",
+                "claimOf": ident,
+                "released": True,
+            }
+            insert_all(self.claims[kind], [kept])
+            self.claims[kind].delete_one(mine)
 
     @staticmethod
     def _claim(entry: Entry) -> Doc:
@@ -163,6 +230,10 @@ class Ledger:
             "_id": command.id,
             "source": _src(entry.source),
             "position": _src(entry.position),
+            # The commands topic's incarnation: a recreated topic repeats positions, and a
+            # copy sent to it again must stay a duplicate.
+            **({"topicId": entry.topic_id} if entry.topic_id else {}),
+            # The input topic's incarnation: the audit's message accounting, likewise.
             **({"sourceId": entry.source_id} if entry.source_id else {}),
         }
 
@@ -183,28 +254,27 @@ class Ledger:
             # The commands topic's incarnation: the audit tells a recreated topic's records
             # apart from its predecessor's at the same positions.
             **({"topicId": decision.entry.topic_id} if decision.entry.topic_id else {}),
-            # The input topic's incarnation: the audit's message accounting, likewise.
             **({"sourceId": decision.entry.source_id} if decision.entry.source_id else {}),
             "at": at,
         }
 
     def finish(self, decisions: Sequence[Decision], at: float) -> None:
-        """Record each owner's outcome, and note duplicates on the original's claim."""
+        """Record each owner's outcome, and note duplicates on the original's claim.
+
+        A dead-lettered owner gets no record: its dead letter is its outcome, and its claim is
+        released (after the duplicates are noted on it) so that its replay is not a duplicate.
+        """
         for kind in self.records:
             mine = [d for d in decisions if d.entry.command.kind == kind]
-            owned = [self._record(d, at) for d in mine if d.outcome is not Outcome.DUPLICATE]
-            # Already there after a crash between this and the Kafka commit: the crashed
-            # attempt's record, which this attempt's replaces (only on replays). They differ
-            # when a command was decided without a write and another pipeline changed the
-            # product since: the record must say what this attempt publishes.
-            skipped = insert_all(self.records[kind], owned, self.pool)
-            again = [
-                ReplaceOne({"_id": r["_id"], "position": r["position"]}, r)
-                for r in owned
-                if r["_id"] in skipped
+            owned = [
+                self._record(d, at)
+                for d in mine
+                if d.outcome not in (Outcome.DUPLICATE, Outcome.DEAD_LETTERED)
             ]
-            for chunk in chunks(again):
-                self.records[kind].bulk_write(list(chunk), ordered=False)
+            # Already there after a crash between this and the Kafka commit: the crashed
+            # attempt's record, kept as it is. The planner told that recorded decision
+            # again (``Ledger.claim`` hands it over), so the two agree.
+            insert_all(self.records[kind], owned, self.pool)
             notes = [
                 UpdateOne(
                     {"_id": d.entry.command.id},
@@ -220,6 +290,7 @@ class Ledger:
             ]
             for chunk in chunks(notes):
                 self.claims[kind].bulk_write(list(chunk), ordered=False)
+        self.release([d.entry for d in decisions if d.outcome is Outcome.DEAD_LETTERED])
 
     def archive(self, kind: str, ids: Sequence[int | str], *, product_id: int) -> int:
         """Free these ids of ``product_id`` for reuse, keeping their records under a new id.
@@ -266,7 +337,8 @@ def to_event(decision: Decision, at: float) -> OutcomeEvent:
     command = decision.entry.command
     return OutcomeEvent(
         kind=command.kind,
-        id=command.id,
+        order_id=command.id if command.kind == "order" else None,
+        restock_id=command.id if command.kind == "restock" else None,
         product_id=command.product_id,
         quantity=command.quantity,
         status=decision.outcome,

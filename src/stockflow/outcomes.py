@@ -1,4 +1,4 @@
-"""What happened to a stock change: the outcome enum, the outcome event, dead-letter headers.
+"""What happened to a stock change: the outcome enum and the outcome event.
 
 Every message on the input topic ends in exactly one outcome: an order or restock that was
 applied or rejected (recorded in MongoDB and published on ``<topic>.outcomes``), a duplicate
@@ -8,8 +8,6 @@ of an earlier one (published, and noted on the original's record), or a dead let
 
 from __future__ import annotations
 
-import time
-from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -57,7 +55,6 @@ class OutcomeEvent(msgspec.Struct, frozen=True, rename="camel", omit_defaults=Tr
 
     kind: str
     """``order`` or ``restock``."""
-    id: int | str
     product_id: int
     quantity: int
     status: Outcome
@@ -67,6 +64,15 @@ class OutcomeEvent(msgspec.Struct, frozen=True, rename="camel", omit_defaults=Tr
     """Where the message was on the input topic."""
     at: float = 0.0
     """When the outcome became durable (Unix time, seconds)."""
+    order_id: int | str | None = None
+    """The order's ``orderId`` (orders only): ids are named as the input names them."""
+    restock_id: int | str | None = None
+    """The restock's ``restockId`` (restocks only)."""
+
+    @property
+    def ident(self) -> int | str | None:
+        """The order's or restock's id, whichever this is."""
+        return self.order_id if self.kind == "order" else self.restock_id
 
     def encode(self) -> bytes:
         return _encoder.encode(self)
@@ -85,53 +91,5 @@ def decode_event(payload: bytes) -> OutcomeEvent:
     return _event_decoder.decode(payload)
 
 
-# --- dead letters ---
-H_REASON = "stockflow.dlq.reason"
-H_SOURCE_TOPIC = "stockflow.dlq.source.topic"
-H_SOURCE_PARTITION = "stockflow.dlq.source.partition"
-H_SOURCE_OFFSET = "stockflow.dlq.source.offset"
-H_TIME = "stockflow.dlq.time"
-H_ATTEMPTS = "stockflow.dlq.attempts"
-
-
 Headers = list[tuple[str, str | bytes | None]]
-
-
-def _bytes(value: str | bytes | None) -> bytes:
-    return value.encode() if isinstance(value, str) else (value or b"")
-
-
-def dead_letter_headers(
-    reason: str,
-    source: Source,
-    *,
-    attempts: int = 1,
-    original: Any = None,
-) -> Headers:
-    """The original message's headers, then the reason, source and time of dead-lettering."""
-    items = original.items() if isinstance(original, Mapping) else (original or [])
-    headers: Headers = [(k, _bytes(v)) for k, v in items if not str(k).startswith("stockflow.dlq.")]
-    headers += [
-        (H_REASON, reason.encode()),
-        (H_SOURCE_TOPIC, source.topic.encode()),
-        (H_SOURCE_PARTITION, str(source.partition).encode()),
-        (H_SOURCE_OFFSET, str(source.offset).encode()),
-        (H_TIME, f"{time.time():.3f}".encode()),
-        (H_ATTEMPTS, str(attempts).encode()),
-    ]
-    return headers
-
-
-def header_map(headers: Sequence[tuple[str, str | bytes | None]] | None) -> Mapping[str, str]:
-    """Headers as text, the last value of a repeated name winning."""
-    return {k: _bytes(v).decode(errors="replace") for k, v in (headers or [])}
-
-
-def dead_letter_source(headers: Sequence[tuple[str, str | bytes | None]] | None) -> Source | None:
-    found = header_map(headers)
-    try:
-        return Source(
-            found[H_SOURCE_TOPIC], int(found[H_SOURCE_PARTITION]), int(found[H_SOURCE_OFFSET])
-        )
-    except (KeyError, ValueError):
-        return None
+"""Kafka message headers as librdkafka takes them."""

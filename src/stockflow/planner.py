@@ -16,7 +16,9 @@ written since its last commit, up to offset ``last``: offset -> the stock after 
 if it was applied, or ``-1 - stock`` if it was an order refused at that stock. A command of
 the batch at an offset up to ``last`` of *its own* topic's entry was written already: its
 decision is read back from its step, never taken again from stock (another pipeline may have
-changed the stock since). Every other command is decided from the stored stock.
+changed the stock since). A command whose outcome is recorded (its id's owner, read again
+after a rewind) gets the recorded outcome: records are written only once the product's change
+is durable. Every other command is decided from the stored stock.
 
 ``v`` counts the writes (the compare-and-set checks it, and the cache orders entries by it);
 ``baseline`` is the stock the audit counts from: stock = baseline + the changes recorded for
@@ -41,6 +43,9 @@ MARKER = "_stockflow"
 MAX_TOPICS = 8
 """Commands topics a marker remembers; writing from a further one forgets the least recent."""
 
+RECORDED = frozenset({Outcome.APPLIED, Outcome.INSUFFICIENT_STOCK, Outcome.UNKNOWN_PRODUCT})
+"""The outcomes an owner's record can hold (a dead letter and a duplicate get none)."""
+
 Topic = dict[str, Any]
 """One entry of a marker's ``topics``."""
 
@@ -58,6 +63,31 @@ class Entry:
     """Kafka's id of the commands topic (None: unknown, the topic's name alone identifies it)."""
     source_id: str | None = None
     """Kafka's id of the input topic, as the router recorded it (None: not recorded)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """The delivery that claimed an id first: its position and its commands topic's id."""
+
+    position: Source
+    topic_id: str | None = None
+    """None: not known (a claim made before claims named their topic's id, or no ids)."""
+    outcome: Outcome | None = None
+    """The outcome recorded for it (None: no record yet). A delivery read again once its
+    record exists is told this decision, as it is: the record is written only after the
+    product's change is durable, so deciding again from the stock could only contradict it."""
+    stock_after: int | None = None
+    reason: str | None = None
+
+    def owns(self, entry: Entry) -> bool:
+        """Whether ``entry`` is this delivery (again): the same position of the same topic.
+
+        A recreated topic repeats names, partitions and offsets, so its commands are told
+        from the deleted one's by Kafka's topic id, wherever both sides know it.
+        """
+        if entry.position != self.position:
+            return False
+        return self.topic_id is None or entry.topic_id is None or entry.topic_id == self.topic_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,15 +127,29 @@ def owner_key(command: Command) -> tuple[str, int | str]:
     return (command.kind, command.id)
 
 
+MAX_STOCK = 2**62
+"""The largest stock stockflow works with: far below MongoDB's 64-bit integers, so that a
+batch's restocks on top of it still fit in one (a larger number would not even encode)."""
+MAX_FLOAT_STOCK = 2**53
+"""Doubles (JavaScript clients write them) count single units only below this."""
+
+
 def _valid_stock(value: Any) -> int | None:
-    """Stock as an int, accepting integral floats (JavaScript clients write doubles)."""
+    """Stock as a plain int; None for anything that is not a whole, countable, storable
+    number of units (strings, booleans, Decimal128, NaN, infinities, huge numbers)."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int) and value >= 0:
-        return value
-    if isinstance(value, float) and value.is_integer() and value >= 0:
-        return int(value)
+    if isinstance(value, int):
+        return int(value) if 0 <= value <= MAX_STOCK else None
+    if isinstance(value, float) and value.is_integer() and 0 <= value < MAX_FLOAT_STOCK:
+        return int(value)  # -0.0 is 0
     return None
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A stored value as a reason quotes it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def _int(value: Any) -> int | None:
@@ -173,28 +217,35 @@ def _replayed(entry: Entry, step: int) -> Decision:
 def plan_batch(
     entries: Sequence[Entry],
     products: Mapping[int, Mapping[str, Any] | None],
-    owners: Mapping[tuple[str, int | str], Source],
+    owners: Mapping[tuple[str, int | str], Owner],
 ) -> Plan:
     """Decide every entry's outcome and each product's single change.
 
     ``products`` maps every product id of the batch to its document (None: no such product).
-    ``owners`` maps each (kind, id) of the batch to the commands-topic position that claimed
-    it first; an entry at another position is a duplicate.
+    ``owners`` maps each (kind, id) of the batch to the delivery that claimed it first; any
+    other delivery (another position, or the same position of another incarnation of the
+    topic) is a duplicate. An owner whose outcome is recorded already gets that outcome again.
     """
     plan = Plan()
     by_product: dict[int, list[Entry]] = defaultdict(list)
     verdicts: dict[Source, Decision] = {}
     for entry in entries:
         owner = owners.get(owner_key(entry.command))
-        if owner is not None and owner != entry.position:
+        if owner is not None and not owner.owns(entry):
+            reason = f"{entry.command.kind} id already used at {owner.position}"
+            if owner.position == entry.position:
+                reason += f" of an earlier incarnation of the topic (id {owner.topic_id})"
+            verdicts[entry.position] = Decision(entry, Outcome.DUPLICATE, reason=reason)
+        elif owner is not None and owner.outcome in RECORDED:
+            assert owner.outcome is not None
             verdicts[entry.position] = Decision(
-                entry, Outcome.DUPLICATE, reason=f"{entry.command.kind} id already used at {owner}"
+                entry, owner.outcome, owner.stock_after, owner.reason
             )
         else:
             by_product[entry.command.product_id].append(entry)
 
     for product_id, group in by_product.items():
-        group.sort(key=lambda e: (e.position.partition, e.position.offset))
+        group.sort(key=lambda e: (e.position.topic, e.position.partition, e.position.offset))
         doc = products.get(product_id)
         if doc is None:
             for entry in group:
@@ -202,7 +253,7 @@ def plan_batch(
             continue
         stock = _valid_stock(doc.get("stock"))
         if stock is None:
-            reason = f"product {product_id} has an unusable stock value {doc.get('stock')!r}"
+            reason = f"product {product_id} has an unusable stock value {_shown(doc.get('stock'))}"
             for entry in group:
                 verdicts[entry.position] = Decision(entry, Outcome.DEAD_LETTERED, reason=reason)
             continue
@@ -220,6 +271,36 @@ def _plan_product(
     plan: Plan,
     verdicts: dict[Source, Decision],
 ) -> None:
+    """Plan one product's commands: each partition's in turn (each has its own marker entry
+    and steps), the next from the stock and marker the previous one leaves; one change."""
+    parts: dict[tuple[str, int], list[Entry]] = defaultdict(list)
+    for entry in group:
+        parts[(entry.position.topic, entry.position.partition)].append(entry)
+    current: Mapping[str, Any] = doc
+    changed = False
+    for part in parts.values():
+        after = _plan_part(part, current, stock, verdicts)
+        if after is not None:
+            stock, marker = after
+            current, changed = {**current, "stock": stock, MARKER: marker}, True
+    if changed:
+        plan.changes.append(
+            ProductChange(
+                product_id,
+                doc_id=doc.get("_id"),
+                expected_stock=doc.get("stock"),
+                expected_version=_expected_version(doc.get(MARKER)),
+                new_stock=stock,
+                marker={**current[MARKER], "v": marker_version(doc) + 1},
+            )
+        )
+
+
+def _plan_part(
+    group: list[Entry], doc: Mapping[str, Any], stock: int, verdicts: dict[Source, Decision]
+) -> tuple[int, dict[str, Any]] | None:
+    """Plan one product's commands of one partition: the stock and marker after them, or
+    None if they need no write."""
     head = group[0]
     marker = doc.get(MARKER)
     topics = topic_entries(marker)
@@ -237,15 +318,15 @@ def _plan_product(
                 break
             step = steps.get(str(entry.position.offset))
             if step is None:
-                # Committed before the marker's range (offsets were rewound): it changed the
-                # stock then; tell it again without changing anything.
+                # Before the marker's range, and without a record (a recorded one never gets
+                # here): tell it from the stock without changing anything.
                 probe = _decide(entry, probe, verdicts)
             else:
                 verdicts[entry.position] = _replayed(entry, step)
             replayed += 1
     fresh = group[replayed:]
     if not fresh:
-        return
+        return None
     running = stock
     applied = False
     for entry in fresh:
@@ -254,20 +335,11 @@ def _plan_product(
         applied = applied or decision.outcome is Outcome.APPLIED
         steps[str(entry.position.offset)] = _step(decision)
     if not applied and topics is not None:
-        # Nothing applied: no write needed. A replay decides these again from the stored
-        # stock, the same one unless another pipeline changed it meanwhile (then the replay's
-        # outcome records replace the crashed attempt's; see ``Ledger.finish``).
-        return
-    plan.changes.append(
-        ProductChange(
-            product_id,
-            doc_id=doc.get("_id"),
-            expected_stock=doc.get("stock"),
-            expected_version=_expected_version(marker),
-            new_stock=running,
-            marker=_next_marker(doc, topics, mine, head, fresh, steps, stock),
-        )
-    )
+        # Nothing applied: no write needed. Once recorded, these decisions are told again as
+        # recorded; a replay before the records (nothing was published) decides them again
+        # from the stored stock, which another pipeline may have changed meanwhile.
+        return None
+    return running, _next_marker(doc, topics, mine, head, fresh, steps, stock)
 
 
 def _next_marker(

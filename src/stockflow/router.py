@@ -4,12 +4,9 @@ Input producers may put one product's orders on any partition (no key, round rob
 partitioner). The router re-publishes each valid order or restock to the commands topic keyed
 by its product, so every stock change of a product reaches one partition and so exactly one
 applier: the single writer per product that stockflow's correctness rests on. Invalid messages
-go to the dead-letter topic with their original bytes and headers plus the reason. Outputs and
-input offsets are committed in one transaction (``consumer``), so nothing is routed twice.
-
-Commands and dead letters also carry Kafka's id of the input topic (``H_SOURCE_ID``): a topic
-deleted and recreated under the same name reuses its positions, and the audit tells the two
-incarnations' outcomes apart by it.
+go to the dead-letter topic with their original bytes and headers plus the reason (cut to fit,
+the whole original kept in MongoDB: ``deadletters``). Outputs and input offsets are committed
+in one transaction (``consumer``), so nothing is routed twice.
 """
 
 from __future__ import annotations
@@ -22,9 +19,10 @@ from confluent_kafka import Message
 
 from stockflow.config import Settings
 from stockflow.consumer import Handled, Output
+from stockflow.deadletters import DeadLetterStore, FittedLetter, build, size_limit
 from stockflow.errors import InvalidOrderError, TopicError, TransientError
 from stockflow.orders import Command, decode_command
-from stockflow.outcomes import Source, dead_letter_headers, source_of
+from stockflow.outcomes import Source, source_of
 from stockflow.retry import CircuitBreaker
 
 log = logging.getLogger(__name__)
@@ -34,8 +32,8 @@ H_SOURCE = "stockflow.source"
 H_CREATED = "stockflow.created"
 """Header on a command: the input message's timestamp (ms), for latency measurements."""
 H_SOURCE_ID = "stockflow.source.id"
-"""Header on a command and on the router's dead letters: Kafka's id of the input topic (absent
-when the cluster gives topics no ids)."""
+"""Header on a command: Kafka's id of the input topic (absent when the cluster gives topics no
+ids). Dead letters carry it as ``stockflow.dlq.source.id``."""
 
 
 def encode_source(source: Source) -> bytes:
@@ -69,10 +67,16 @@ class Router:
     name = "router"
 
     def __init__(
-        self, settings: Settings, *, topic_ids: Callable[[str], str | None] | None = None
+        self,
+        settings: Settings,
+        store: DeadLetterStore,
+        *,
+        topic_ids: Callable[[str], str | None] | None = None,
     ) -> None:
         """``topic_ids`` looks up Kafka's id of the input topic (None: no id is recorded)."""
         self.settings = settings
+        self.store = store
+        self.limit = size_limit(settings)
         self.breaker = CircuitBreaker("router")
         self.topic_ids = topic_ids
         self._known_ids: dict[str, str | None] = {}
@@ -100,13 +104,13 @@ class Router:
             except TopicError as exc:
                 raise TransientError(f"cannot learn the id of topic {topic!r}: {exc}") from exc
 
-    def _incarnation(self, message: Message) -> list[tuple[str, bytes]]:
-        """The header naming the input topic's incarnation, if its id is known."""
-        uid = self._known_ids.get(message.topic() or "")
-        return [] if uid is None else [(H_SOURCE_ID, uid.encode())]
+    def _source_id(self, message: Message) -> str | None:
+        """Kafka's id of the message's topic, if known."""
+        return self._known_ids.get(message.topic() or "")
 
     def handle(self, messages: Sequence[Message]) -> Handled:
         outputs: list[Output] = []
+        letters: list[FittedLetter] = []
         counts: Counter[str] = Counter()
         for message in messages:
             source = source_of(message)
@@ -115,7 +119,8 @@ class Router:
                 command = decode_message(self.settings, message)
             except InvalidOrderError as exc:
                 log.warning("Dead-lettered %s: %s", source, exc.reason)
-                outputs.append(self.dead_letter(message, exc.reason, 1))
+                letters.append(self._letter(message, exc.reason, 1))
+                outputs.append(self._output(letters[-1]))
                 counts["dead_lettered"] += 1
                 continue
             _, created = message.timestamp()
@@ -127,26 +132,42 @@ class Router:
                     headers=[
                         (H_SOURCE, encode_source(source)),
                         (H_CREATED, str(created).encode()),
-                        *self._incarnation(message),
+                        *(
+                            [(H_SOURCE_ID, uid.encode())]
+                            if (uid := self._source_id(message))
+                            else []
+                        ),
                     ],
                 )
             )
             counts["routed"] += 1
+        self.store.keep(letters)  # the originals are durable before the dead letters commit
         return Handled(outputs, counts=counts)
 
     def dead_letter(self, message: Message, reason: str, attempts: int) -> Output:
+        """The dead letter of ``message`` (its original kept in MongoDB first)."""
+        letter = self._letter(message, reason, attempts)
+        self.store.keep([letter])
+        return self._output(letter)
+
+    def _letter(self, message: Message, reason: str, attempts: int) -> FittedLetter:
+        return build(
+            value=message.value(),
+            key=message.key(),
+            original_headers=message.headers(),
+            reason=reason,
+            source=source_of(message),
+            attempts=attempts,
+            stage=self.name,
+            limit=self.limit,
+            source_id=self._source_id(message),
+        )
+
+    def _output(self, letter: FittedLetter) -> Output:
         return Output(
             self.settings.dlq_topic,
-            message.value(),
-            key=message.key(),
-            headers=[
-                *(
-                    header
-                    for header in dead_letter_headers(
-                        reason, source_of(message), attempts=attempts, original=message.headers()
-                    )
-                    if header[0] != H_SOURCE_ID  # a replayed dead letter's: another incarnation
-                ),
-                *self._incarnation(message),
-            ],
+            letter.value,
+            key=letter.key,
+            headers=letter.headers,
+            source=letter.source,
         )

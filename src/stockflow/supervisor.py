@@ -1,7 +1,8 @@
-"""Running the worker as a child process: restarts with backoff, and no orphans.
+"""Running workers as child processes: a pool, restarts with backoff, and no orphans.
 
 ``stockflow consume`` (supervised, the default) starts ``consume --no-supervise`` as a child
-and decides from its exit status what to do next (:func:`verdict`):
+(``--workers N``: N children, each its own member of the consumer groups, so Kafka spreads the
+partitions over them) and decides from each one's exit status what to do next (:func:`verdict`):
 
 - 0: the worker finished (idle timeout, bounded run, SIGTERM): done;
 - ``EXIT_CONFIG`` (78): its settings cannot work; restarting would fail the same way, so the
@@ -10,6 +11,9 @@ and decides from its exit status what to do next (:func:`verdict`):
   killer, ``kill -9``): a fresh worker is started after a backoff (1 s doubling to 30 s, reset
   after a minute of good running);
 - any other status (1: an error the worker already explained, such as a missing topic): passed on.
+
+In a pool each worker is restarted on its own; one that gives up or fails for good stops the
+others (they would meet the same fault), and the pool is done when every worker is.
 
 The child never outlives its supervisor, whatever ends the supervisor (``kill -9`` included):
 on Linux the kernel sends it SIGTERM when the supervisor dies (``PR_SET_PDEATHSIG``), and
@@ -29,6 +33,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from stockflow.errors import EXIT_CONFIG, EXIT_TEMPFAIL, ServiceUnavailableError, TransientError
@@ -66,49 +71,106 @@ def verdict(status: int, *, stopping: bool) -> Verdict:
     return Verdict.DONE
 
 
+@dataclass
+class _Slot:
+    """One place in the pool: the worker running there (if any) and its restart schedule."""
+
+    number: int
+    backoff: Backoff = field(default_factory=lambda: Backoff(base=1.0, cap=30.0))
+    child: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    restart_at: float | None = None
+    status: int | None = None
+    """The worker's last exit status (negative: the signal that killed it)."""
+    done: bool = False
+
+
 def supervise(
     args: Sequence[str],
     *,
     say: Callable[[str], None],
     command: Sequence[str] | None = None,
+    workers: int = 1,
 ) -> int:
-    """Run ``stockflow consume --no-supervise ARGS`` until it is done; returns its status."""
+    """Run ``workers`` processes of ``stockflow consume --no-supervise ARGS`` until they are
+    done; returns 0 when every one finished well, else the first other status.
+
+    Each worker is restarted on its own (after its own backoff) when :func:`verdict` says so.
+    A worker that gives up (78) or fails for good (1) stops the whole pool: its siblings would
+    meet the same fault. SIGTERM or SIGINT is passed to every worker, and nothing is restarted.
+    """
     stopping = False
-    child: subprocess.Popen[bytes] | None = None
+    slots = [_Slot(number) for number in range(1, workers + 1)]
+    base = list(command or [sys.executable, "-m", "stockflow", "consume", "--no-supervise"])
+    failed: int | None = None
+
+    def signal_all(signum: int) -> None:
+        for slot in slots:
+            if slot.child is not None and slot.child.poll() is None:
+                slot.child.send_signal(signum)
 
     def forward(signum: int, _: object) -> None:
         nonlocal stopping
         stopping = True
-        if child is not None and child.poll() is None:
-            child.send_signal(signum)
+        signal_all(signum)
+
+    def start(slot: _Slot) -> None:
+        slot.restart_at = None
+        slot.started = time.monotonic()
+        slot.child = subprocess.Popen([*base, "--supervisor-pid", str(os.getpid()), *args])
+        if stopping:  # the signal came while it was being started
+            slot.child.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    backoff = Backoff(base=1.0, cap=30.0)
-    base = list(command or [sys.executable, "-m", "stockflow", "consume", "--no-supervise"])
-    while True:
-        started = time.monotonic()
-        child = subprocess.Popen([*base, "--supervisor-pid", str(os.getpid()), *args])
-        status = child.wait()
-        decision = verdict(status, stopping=stopping)
-        if decision is Verdict.DONE:
-            return status
-        if decision is Verdict.GIVE_UP:
-            say(
-                f"worker stopped on a configuration error (status {status}); "
-                "not restarting it: fix the setting it named and start again"
-            )
-            return status
-        if time.monotonic() - started > HEALTHY_SECONDS:
-            backoff.reset()
-        delay = backoff.next_delay()
-        cause = f"signal {signal.Signals(-status).name}" if status < 0 else f"status {status}"
-        say(f"worker exited ({cause}); restarting in {delay:.1f}s")
-        deadline = time.monotonic() + delay
-        while time.monotonic() < deadline and not stopping:
-            time.sleep(0.1)
-        if stopping:
-            return status
+    for slot in slots:
+        start(slot)
+    while not all(slot.done for slot in slots):
+        time.sleep(0.05)
+        for slot in slots:
+            if slot.done:
+                continue
+            if slot.child is None:  # waiting to be restarted
+                if stopping or failed is not None:
+                    slot.done = True
+                elif slot.restart_at is not None and time.monotonic() >= slot.restart_at:
+                    start(slot)
+                continue
+            status = slot.child.poll()
+            if status is None:
+                continue
+            slot.child, slot.status = None, status
+            who = _name(slot, workers)
+            decision = verdict(status, stopping=stopping or failed is not None)
+            if decision is Verdict.RESTART:
+                if time.monotonic() - slot.started > HEALTHY_SECONDS:
+                    slot.backoff.reset()
+                delay = slot.backoff.next_delay()
+                slot.restart_at = time.monotonic() + delay
+                say(f"{who} exited ({_cause(status)}); restarting in {delay:.1f}s")
+                continue
+            slot.done = True
+            if status != 0 and failed is None and not stopping:
+                failed = status
+                if decision is Verdict.GIVE_UP:
+                    say(
+                        f"{who} stopped on a configuration error (status {status}); "
+                        "not restarting it: fix the setting it named and start again"
+                    )
+                if workers > 1:
+                    say(f"{who} failed (status {status}): stopping the other workers")
+                    signal_all(signal.SIGTERM)
+    if failed is not None:
+        return failed
+    return next((slot.status for slot in slots if slot.status), 0)
+
+
+def _name(slot: _Slot, workers: int) -> str:
+    return "worker" if workers == 1 else f"worker {slot.number}"
+
+
+def _cause(status: int) -> str:
+    return f"signal {signal.Signals(-status).name}" if status < 0 else f"status {status}"
 
 
 def is_transient_exit(exc: BaseException) -> bool:

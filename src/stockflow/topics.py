@@ -1,14 +1,14 @@
-"""Topic administration: create, list, describe (the topic's id), and read end offsets."""
+"""Topic administration: create, list, describe (partitions, leaders, replicas, in-sync
+replicas, end offsets; the topic's id), and read end offsets."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicCollection, TopicPartition
-from confluent_kafka.admin import (
-    AdminClient,
-    NewTopic,
-)
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from stockflow import kafka_clients
 from stockflow.config import Settings
@@ -22,6 +22,31 @@ class TopicInfo:
     name: str
     partitions: int
     replication: int
+
+
+@dataclass(frozen=True)
+class PartitionInfo:
+    """One partition: its leader broker, replicas, in-sync replicas and end offset."""
+
+    partition: int
+    leader: int | None
+    replicas: list[int]
+    in_sync: list[int]
+    end_offset: int
+
+
+@dataclass(frozen=True)
+class TopicDescription:
+    """What ``stockflow topics describe`` shows."""
+
+    name: str
+    topic_id: str | None
+    partitions: list[PartitionInfo]
+
+    @property
+    def messages(self) -> int:
+        """The sum of the end offsets (on a transactional topic, commit markers count too)."""
+        return sum(p.end_offset for p in self.partitions)
 
 
 def admin_client(settings: Settings) -> AdminClient:
@@ -79,6 +104,69 @@ def require_topic(settings: Settings, topic: str) -> int:
             f"`stockflow topics create {topic} --partitions N`"
         )
     return len(found.partitions)
+
+
+def _kafka_error(exc: KafkaException) -> KafkaError | None:
+    error = exc.args[0] if exc.args else None
+    return error if isinstance(error, KafkaError) else None
+
+
+def describe_topic(settings: Settings, name: str) -> TopicDescription:
+    """``name``'s partitions with their leader, replicas, in-sync replicas and end offset;
+    TopicError (one line) if the topic does not exist."""
+    admin = admin_client(settings)  # kept alive until the futures are done
+    timeout = settings.kafka_timeout_seconds
+    future = admin.describe_topics(TopicCollection([name]), request_timeout=timeout)[name]
+    try:
+        description = future.result()
+    except KafkaException as exc:
+        error = _kafka_error(exc)
+        if error is not None and error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+            raise TopicError(f"topic {name!r} does not exist") from None
+        if error is not None and error.code() in (KafkaError._TRANSPORT, KafkaError._TIMED_OUT):
+            raise KafkaUnavailableError(
+                f"cannot reach Kafka at {settings.addresses()['kafka']}: {error.str()}"
+            ) from None
+        raise TopicError(f"cannot describe topic {name!r}: {exc}") from None
+    ends = latest_offsets(settings, [(name, p.id) for p in description.partitions], admin=admin)
+    uid = description.topic_id
+    known = uid is not None and (
+        uid.get_most_significant_bits(),
+        uid.get_least_significant_bits(),
+    ) != (0, 0)
+    return TopicDescription(
+        name,
+        str(uid) if known else None,
+        [
+            PartitionInfo(
+                p.id,
+                p.leader.id if p.leader is not None else None,
+                [node.id for node in p.replicas],
+                [node.id for node in p.isr],
+                ends[(name, p.id)],
+            )
+            for p in sorted(description.partitions, key=lambda p: p.id)
+        ],
+    )
+
+
+def latest_offsets(
+    settings: Settings, partitions: Iterable[tuple[str, int]], *, admin: AdminClient | None = None
+) -> dict[tuple[str, int], int]:
+    """The end offset (high watermark) of each ``(topic, partition)``, in one request."""
+    admin = admin or admin_client(settings)
+    latest = cast(Callable[[], OffsetSpec], OffsetSpec.latest)()  # the library leaves it untyped
+    wanted = {TopicPartition(topic, p): latest for topic, p in partitions}
+    if not wanted:
+        return {}
+    futures = admin.list_offsets(wanted, request_timeout=settings.kafka_timeout_seconds)
+    ends = {}
+    try:
+        for tp, future in futures.items():
+            ends[(tp.topic, tp.partition)] = future.result().offset
+    except KafkaException as exc:
+        raise TopicError(f"cannot read end offsets: {exc}") from None
+    return ends
 
 
 def topic_id(settings: Settings, name: str) -> str | None:

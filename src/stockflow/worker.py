@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from stockflow.applier import Applier
 from stockflow.config import Settings
 from stockflow.consumer import LoopStats, TransactionalLoop
+from stockflow.deadletters import DeadLetterStore
 from stockflow.ledger import Ledger
 from stockflow.pipeline import Pipeline
 from stockflow.planner import Decision
@@ -99,11 +100,13 @@ class Worker:
             pool=pipeline.pool,
         )
         ledger.ensure_indexes()
+        store = DeadLetterStore(pipeline.mongo[settings.database])
         self.applier = Applier(
             settings,
             pipeline.inventory,
             ledger,
             pipeline.cache,
+            store,
             # Products' markers name the commands topic by its id, so that a topic recreated
             # under the same name (or another pipeline's) is never taken for this one.
             topic_ids=lambda name: topic_id(settings, name),
@@ -117,7 +120,7 @@ class Worker:
             self.loops["router"] = TransactionalLoop(
                 settings,
                 # Commands and dead letters name the input topic's incarnation for the audit.
-                Router(settings, topic_ids=lambda name: topic_id(settings, name)),
+                Router(settings, store, topic_ids=lambda name: topic_id(settings, name)),
                 topics=[settings.topic],
                 group_id=settings.router_group_id,
                 start_offsets=end_offsets(settings, settings.topic) if start_at_end else None,

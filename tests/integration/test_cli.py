@@ -20,6 +20,7 @@ def run(
         "STOCKFLOW_DATABASE": settings.database,
         "STOCKFLOW_CACHE_KEY_PREFIX": settings.cache_key_prefix,
         "STOCKFLOW_GROUP_ID": settings.group_id,
+        "STOCKFLOW_MAX_QUANTITY": str(settings.max_quantity),
     }
     return subprocess.run(
         [sys.executable, "-m", "stockflow", *args],
@@ -63,6 +64,16 @@ def test_produce_refuses_invalid_orders_with_exit_1(settings: Settings) -> None:
     result = run(settings, "produce", '{"orderId": 1, "productId": "x", "quantity": 1}')
     assert result.returncode == 1
     assert "not sent" in result.stderr and "productId" in result.stderr
+
+
+def test_produce_refuses_what_the_worker_would_dead_letter(settings: Settings) -> None:
+    """One decoder, with the worker's limits, at every entry point."""
+    limited = settings.model_copy(update={"max_quantity": 5})
+    nested = '{"orderId": 2, "productId": 101, "quantity": 1, "x": ' + "[" * 1000 + "]" * 1000 + "}"
+    result = run(limited, "produce", '{"orderId": 1, "productId": 101, "quantity": 6}', nested)
+    assert result.returncode == 1, result.stdout
+    assert "exceeds the maximum of 5" in result.stderr and "nested deeper" in result.stderr
+    assert "0 delivered" in result.stdout and "Traceback" not in result.stderr
 
 
 def test_demo_twice_tells_the_same_story(settings: Settings) -> None:
@@ -124,6 +135,7 @@ def test_sigterm_stops_the_consumer_cleanly_and_keeps_its_progress(
         "STOCKFLOW_DATABASE": settings.database,
         "STOCKFLOW_CACHE_KEY_PREFIX": settings.cache_key_prefix,
         "STOCKFLOW_GROUP_ID": settings.group_id,
+        "STOCKFLOW_MAX_QUANTITY": str(settings.max_quantity),
     }
     consumer = subprocess.Popen(
         [sys.executable, "-m", "stockflow", "consume"],

@@ -14,8 +14,9 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from stockflow.audit import run_audit
 from stockflow.config import Settings
 from stockflow.consumer import Handled, LoopStats, Output, TransactionalLoop
+from stockflow.deadletters import dead_letter_source, header_map
 from stockflow.orders import Order
-from stockflow.outcomes import Source, dead_letter_source, header_map, source_of
+from stockflow.outcomes import Source, source_of
 from stockflow.pipeline import Pipeline
 from stockflow.producer import OrderProducer
 from stockflow.retry import CircuitBreaker

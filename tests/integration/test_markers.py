@@ -23,7 +23,7 @@ from stockflow.ledger import Ledger
 from stockflow.orders import Command, Order, Restock
 from stockflow.outcomes import Outcome, Source
 from stockflow.pipeline import Pipeline, open_pipeline
-from stockflow.planner import MARKER, Entry, plan_batch
+from stockflow.planner import MARKER, Entry, Owner, plan_batch
 from stockflow.producer import OrderProducer
 from stockflow.topics import create_topic, delete_topics, topic_id
 from stockflow.worker import Worker
@@ -124,6 +124,50 @@ def test_a_recreated_commands_topic_is_another_topic(
     assert process(settings, pipeline, 3).outcomes == {"applied": 3}
     assert pipeline.inventory.stock_of(P) == 89
     assert_audits_clean((settings, pipeline))
+
+
+def test_ids_applied_before_a_topic_was_recreated_are_duplicates_when_sent_again(
+    settings: Settings, pipeline: Pipeline
+) -> None:
+    """The same order ids sent again to a recreated commands topic land at the same topic
+    name, partition and offsets as their first copies: they are duplicates, not the owners
+    coming back (before claims knew their topic: applied twice, stock 90, audit clean)."""
+    pipeline.inventory.seed({P: 100})
+    send(settings, orders("a", 5, 1))
+    assert process(settings, pipeline, 5).outcomes == {"applied": 5}
+
+    wait_deleted(settings, [settings.commands_topic])
+    recreate(settings, settings.commands_topic, settings.commands_partitions)
+
+    send(settings, orders("a", 5, 1))  # commands-topic offsets 0..4 again
+    assert process(settings, pipeline, 5).outcomes == {"duplicate": 5}
+    assert pipeline.inventory.stock_of(P) == 95
+    ledger = Ledger(
+        pipeline.mongo[settings.database], settings.orders_collection, settings.restocks_collection
+    )
+    record = ledger.find("order", "a-0") or {}
+    assert (record.get("status"), len(record.get("duplicates") or [])) == ("applied", 1)
+    assert_audits_clean((settings, pipeline))
+
+
+def test_ids_sent_again_after_every_topic_was_deleted_are_duplicates(
+    settings: Settings, pipeline: Pipeline
+) -> None:
+    """``make clean`` with the database kept, then the same orders again: every position
+    (input and commands) repeats, and still each id is applied once."""
+    pipeline.inventory.seed({P: 100})
+    send(settings, orders("a", 5, 1))
+    assert process(settings, pipeline, 5).outcomes == {"applied": 5}
+
+    names = [settings.topic, settings.commands_topic, settings.dlq_topic, settings.outcomes_topic]
+    wait_deleted(settings, names)
+    recreate(settings, settings.topic, 1)
+
+    send(settings, orders("a", 5, 1))
+    assert process(settings, pipeline, 5).outcomes == {"duplicate": 5}
+    assert pipeline.inventory.stock_of(P) == 95
+    report = run_audit(settings, pipeline, messages=False)
+    assert not report.stock_mismatches and not report.negative_stock, report
 
 
 def test_a_second_run_after_every_topic_was_deleted(settings: Settings, pipeline: Pipeline) -> None:
@@ -261,17 +305,52 @@ def test_a_replay_after_the_other_pipeline_wrote_the_product_is_not_applied_twic
     assert not report.stock_mismatches, report
 
 
-def test_a_replayed_refusal_is_recorded_as_the_replay_decides_it(
+def test_a_recorded_refusal_read_again_after_a_restock_stays_a_refusal(
     settings: Settings, pipeline: Pipeline
 ) -> None:
-    """A refuses an order (no write), records it and crashes before its commit; B restocks;
-    A's replay decides from the new stock. The record must say what the replay published."""
+    """An order of 5 at stock 3 is refused and committed; a restock of 10 follows; offset 0 is
+    read again (offsets reset or expired, or an ambiguous commit rewound). Before, it was
+    decided again from the stock: a phantom ``applied`` (stock after 8, stock still 13) and
+    its record rewritten to say so. The recorded decision is the decision."""
+    pipeline.inventory.seed({P: 3})
+    applier = appliers(settings, pipeline)
+    refused = entries("a.cmds", "id-a", 0, [Order("a-0", P, 5)])
+    [first] = applier()._apply(refused)
+    assert (first.outcome, first.stock_after) == (Outcome.INSUFFICIENT_STOCK, 3)
+    applier()._apply(entries("a.cmds", "id-a", 1, [Restock("a-r", P, 10)]))
+    assert pipeline.inventory.stock_of(P) == 13
+
+    [again] = applier()._apply(refused)
+    assert (again.outcome, again.stock_after) == (Outcome.INSUFFICIENT_STOCK, 3)
+    assert pipeline.inventory.stock_of(P) == 13
+    ledger = Ledger(
+        pipeline.mongo[settings.database], settings.orders_collection, settings.restocks_collection
+    )
+    assert (ledger.find("order", "a-0") or {}).get("status") == "insufficient_stock"
+    # Read again together with the restock (earlier batches than the marker's steps hold).
+    assert [
+        (d.outcome, d.stock_after)
+        for d in applier()._apply(refused + entries("a.cmds", "id-a", 1, [Restock("a-r", P, 10)]))
+    ] == [(Outcome.INSUFFICIENT_STOCK, 3), (Outcome.APPLIED, 13)]
+    assert pipeline.inventory.stock_of(P) == 13
+    report = run_audit(settings, pipeline, messages=False)
+    assert not report.stock_mismatches, report
+
+
+def test_a_refusal_crashed_before_its_record_is_decided_by_the_replay(
+    settings: Settings, pipeline: Pipeline
+) -> None:
+    """A refuses an order (no write) and crashes before recording it; B restocks; A's replay
+    decides from the new stock (nothing was published, so nothing contradicts it), writes,
+    and its record says what it publishes."""
     pipeline.inventory.seed({P: 1})
     applier = appliers(settings, pipeline)
     applier()._apply(entries("b.cmds", "id-b", 0, [Order("b-0", P, 1)]))
     a_batch = entries("a.cmds", "id-a", 0, [Order("a-0", P, 2)])
-    [refused] = applier()._apply(a_batch)  # recorded, never committed
-    assert refused.outcome is Outcome.INSUFFICIENT_STOCK
+    crashed = applier()
+    plan = plan_batch(a_batch, pipeline.inventory.load([P]), crashed.ledger.claim(a_batch))
+    assert [d.outcome for d in plan.decisions] == [Outcome.INSUFFICIENT_STOCK]
+    assert plan.changes == []  # no write; the crash comes before the records
     applier()._apply(entries("b.cmds", "id-b", 1, [Restock("b-r", P, 5)]))
     [replayed] = applier()._apply(a_batch)
     assert (replayed.outcome, replayed.stock_after) == (Outcome.APPLIED, 3)
@@ -280,6 +359,29 @@ def test_a_replayed_refusal_is_recorded_as_the_replay_decides_it(
         pipeline.mongo[settings.database], settings.orders_collection, settings.restocks_collection
     )
     assert (ledger.find("order", "a-0") or {}).get("status") == "applied"
+    report = run_audit(settings, pipeline, messages=False)
+    assert not report.stock_mismatches, report
+
+
+def test_a_refusal_recorded_before_a_crash_is_published_as_recorded(
+    settings: Settings, pipeline: Pipeline
+) -> None:
+    """A refuses an order (no write), records it and crashes before its commit; B restocks;
+    A's replay publishes the recorded refusal: the record and the outcome agree."""
+    pipeline.inventory.seed({P: 1})
+    applier = appliers(settings, pipeline)
+    applier()._apply(entries("b.cmds", "id-b", 0, [Order("b-0", P, 1)]))
+    a_batch = entries("a.cmds", "id-a", 0, [Order("a-0", P, 2)])
+    [refused] = applier()._apply(a_batch)  # recorded, never committed
+    assert refused.outcome is Outcome.INSUFFICIENT_STOCK
+    applier()._apply(entries("b.cmds", "id-b", 1, [Restock("b-r", P, 5)]))
+    [replayed] = applier()._apply(a_batch)
+    assert (replayed.outcome, replayed.stock_after) == (Outcome.INSUFFICIENT_STOCK, 0)
+    assert pipeline.inventory.stock_of(P) == 5
+    ledger = Ledger(
+        pipeline.mongo[settings.database], settings.orders_collection, settings.restocks_collection
+    )
+    assert (ledger.find("order", "a-0") or {}).get("status") == "insufficient_stock"
     report = run_audit(settings, pipeline, messages=False)
     assert not report.stock_mismatches, report
 
@@ -294,7 +396,7 @@ def test_the_compare_and_set_fences_a_pipeline_that_planned_from_an_older_versio
     applier()._apply(entries("a.cmds", "id-a", 0, [Order("a-0", P, 1)]))
     a_batch = entries("a.cmds", "id-a", 1, [Order("a-1", P, 9)])
     stale = plan_batch(
-        a_batch, pipeline.inventory.load([P]), {("order", "a-1"): a_batch[0].position}
+        a_batch, pipeline.inventory.load([P]), {("order", "a-1"): Owner(a_batch[0].position)}
     )
     applier()._apply(entries("b.cmds", "id-b", 0, [Restock("b-r", P, 4), Order("b-0", P, 4)]))
     assert pipeline.inventory.stock_of(P) == 9
@@ -361,3 +463,22 @@ def test_a_running_worker_learns_the_id_of_its_recreated_commands_topic(
     assert decisions == [Outcome.APPLIED] * 8
     assert pipeline.inventory.stock_of(P) == 89
     assert_audits_clean((settings, pipeline))
+
+
+def test_a_dead_letter_of_a_recreated_topic_does_not_release_the_old_owners_claim(
+    settings: Settings, pipeline: Pipeline
+) -> None:
+    """A copy at the same position of a recreated topic that is dead-lettered must not free
+    the id its predecessor applied (its replay would apply the id a second time)."""
+    pipeline.inventory.seed({P: 10})
+    applier = appliers(settings, pipeline)
+    [old] = entries("a.cmds", "id-old", 0, [Order("a-0", P, 1)])
+    applier()._apply([old])
+    ledger = Ledger(
+        pipeline.mongo[settings.database], settings.orders_collection, settings.restocks_collection
+    )
+    ledger.release([Entry(old.position, old.source, old.command, topic_id="id-new")])
+    claim = ledger.claims["order"].find_one({"_id": "a-0"})
+    assert claim is not None and claim["topicId"] == "id-old"
+    ledger.release([old])  # the owner itself does release it
+    assert ledger.claims["order"].find_one({"_id": "a-0"}) is None

@@ -16,7 +16,7 @@ from stockflow.orders import Order, Restock
 from stockflow.outcomes import Outcome
 from stockflow.pipeline import Pipeline
 from stockflow.producer import OrderProducer
-from tests.integration.conftest import outcome_events, process
+from tests.integration.conftest import outcome_events, process, read_topic
 
 
 def send(settings: Settings, *commands: Order | Restock) -> None:
@@ -174,8 +174,18 @@ def test_outcomes_are_published_and_recorded(settings: Settings, pipeline: Pipel
         Order(order_id="a", product_id=101, quantity=4),
         Order(order_id="b", product_id=101, quantity=40),
     )
-    process(settings, pipeline, 2)
-    events = {e.id: e for e in outcome_events(settings)}
+    send(settings, Restock(restock_id="r", product_id=101, quantity=1))
+    process(settings, pipeline, 3)
+    # Ids are named as the input names them.
+    raw = [json.loads(m.value()) for m in read_topic(settings, settings.outcomes_topic)]  # type: ignore[attr-defined]
+    assert sorted((e["kind"], e.get("orderId"), e.get("restockId")) for e in raw) == [
+        ("order", "a", None),
+        ("order", "b", None),
+        ("restock", None, "r"),
+    ]
+    assert all("id" not in e for e in raw)
+    events = {e.ident: e for e in outcome_events(settings)}
+    assert events["r"].restock_id == "r" and events["r"].order_id is None
     assert events["a"].status is Outcome.APPLIED and events["a"].stock_after == 6
     assert events["b"].status is Outcome.INSUFFICIENT_STOCK and events["b"].stock_after == 6
     assert events["a"].source is not None and events["a"].source.topic == settings.topic

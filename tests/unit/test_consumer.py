@@ -23,8 +23,9 @@ from confluent_kafka import KafkaError, KafkaException
 
 from stockflow.config import Settings
 from stockflow.consumer import Handled, Output, TransactionalLoop
+from stockflow.deadletters import dead_letter_headers, header_map
 from stockflow.errors import TransientError
-from stockflow.outcomes import dead_letter_headers, header_map, source_of
+from stockflow.outcomes import source_of
 from stockflow.retry import Backoff, CircuitBreaker, CircuitState
 from stockflow.watchdog import EXIT_STUCK
 from tests.unit.kafka_fakes import FakeKafka, abortable
@@ -163,6 +164,35 @@ def test_a_poison_message_is_dead_lettered_after_bounded_retries_and_its_neighbo
     assert headers["stockflow.dlq.source.offset"] == "1"
     assert headers["stockflow.dlq.attempts"] == "3"
     assert len(kafka.commits) == 1  # one transaction: outputs, the dead letter and offsets
+
+
+class StoreDownOnce(EchoHandler):
+    """Its dead letters need a store (the handlers keep originals in MongoDB), down at first."""
+
+    def __init__(self, fail: Callable[[Sequence[Any]], None]) -> None:
+        super().__init__(fail)
+        self.store_down = 1
+
+    def dead_letter(self, message: Any, reason: str, attempts: int) -> Output:
+        if self.store_down:
+            self.store_down -= 1
+            raise TransientError("MongoDB: cannot keep dead letters")
+        return super().dead_letter(message, reason, attempts)
+
+
+def test_a_dead_letter_whose_store_is_down_waits_like_any_outage() -> None:
+    kafka = FakeKafka()
+    kafka.add(IN, 0, b"a", b"poison", b"c")
+
+    def fail(messages: Sequence[Any]) -> None:
+        if any(m.value() == b"poison" for m in messages):
+            raise ValueError("cannot handle poison")
+
+    handler = StoreDownOnce(fail)
+    Running(make_loop(kafka, handler, max_attempts=2)).until(committed_everything(kafka))
+    assert handler.store_down == 0  # the loop survived the failed dead letter and redid the batch
+    assert sorted(kafka.values("out")) == [b"a", b"c"]
+    assert [o.value for o in kafka.outputs if o.topic == "dlq"] == [b"poison"]
 
 
 # --- transactions ---

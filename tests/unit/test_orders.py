@@ -77,7 +77,10 @@ def test_arbitrary_bytes_either_decode_or_raise_invalid_order(payload: bytes) ->
 
 @given(
     st.one_of(
-        st.integers(-(2**53) + 1, 2**53 - 1), st.text(min_size=1, max_size=128).filter(str.strip)
+        st.integers(-(2**53) + 1, 2**53 - 1),
+        st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=128).filter(
+            str.strip
+        ),
     ),
     st.integers(1, 2**53 - 1),
     st.integers(1, 10_000),
@@ -85,3 +88,93 @@ def test_arbitrary_bytes_either_decode_or_raise_invalid_order(payload: bytes) ->
 def test_every_valid_order_round_trips(order_id: int | str, product_id: int, qty: int) -> None:
     order = Order(order_id=order_id, product_id=product_id, quantity=qty)
     assert decode_order(order.encode()) == order
+
+
+def test_customer_id_is_optional_and_kept() -> None:
+    order = decode_order(b'{"orderId": 1, "productId": 101, "quantity": 1, "customerId": 42}')
+    assert order.customer_id == 42
+    assert json.loads(order.encode())["customerId"] == 42
+    plain = decode_order(b'{"orderId": 1, "productId": 101, "quantity": 1}')
+    assert plain.customer_id is None and "customerId" not in json.loads(plain.encode())
+
+
+@pytest.mark.parametrize(
+    ("customer", "reason"),
+    [
+        (b'""', "customerId is empty"),
+        (b'"' + b"c" * 129 + b'"', "customerId longer than 128"),
+        (b'{"$gt": 0}', "customerId"),
+        (b"1.5", "customerId"),
+        (b"true", "customerId"),
+        (str(2**60).encode(), "customerId is out of"),
+    ],
+)
+def test_a_bad_customer_id_is_refused(customer: bytes, reason: str) -> None:
+    payload = b'{"orderId": 1, "productId": 101, "quantity": 1, "customerId": ' + customer + b"}"
+    with pytest.raises(InvalidOrderError) as caught:
+        decode_order(payload)
+    assert reason in caught.value.reason
+
+
+ORDER_HEAD = b'{"orderId": 1, "productId": 101, "quantity": 1, "extra": '
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"[" * 1000 + b"]" * 1000, "nested"),
+        (b'{"a":' * 1000 + b"1" + b"}" * 1000, "nested"),
+        (ORDER_HEAD + b"[" * 1000 + b"]" * 1000 + b"}", "nested"),
+        (ORDER_HEAD + b"[" * 30_000 + b"]" * 30_000 + b"}", "nested"),
+        (b'{"orderId": 1, "productId": 1' + b"0" * 5000 + b', "quantity": 1}', "productId"),
+        (b'{"orderId": 1, "productId": 1' + b"0" * 400 + b', "quantity": 1}', "productId"),
+        (b'{"orderId": 1, "productId": 101, "quantity": 9' + b"9" * 400 + b"}", "quantity"),
+        (b'{"orderId": 1, "productId": 101, "quantity": 9' + b"9" * 5000 + b"}", "quantity"),
+        (b'{"orderId": 1' + b"0" * 5000 + b', "productId": 101, "quantity": 1}', "orderId"),
+        (b'{"orderId": 1e999, "productId": 101, "quantity": 1}', "orderId"),
+        (b'{"orderId": 1, "productId": 101, "quantity": NaN}', "malformed JSON"),
+        (b'{"orderId": 1, "productId": 101, "quantity": Infinity}', "malformed JSON"),
+        (b'{"orderId": "a\\u0000b", "productId": 101, "quantity": 1}', "control character"),
+        (b'{"orderId": "a\x00b", "productId": 101, "quantity": 1}', "malformed JSON"),
+        (b'{"orderId": "\\ud800", "productId": 101, "quantity": 1}', "malformed JSON"),
+        (b'{"orderId": "' + b"x" * 60_000 + b'", "productId": 101, "quantity": 1}', "longer"),
+        (b'"an order"', "object"),
+        (b"null", "object"),
+        (b"42", "object"),
+        (b"true", "object"),
+        (b"\x00" * 10, "malformed JSON"),
+    ],
+)
+def test_poison_messages_are_refused_with_a_short_reason(payload: bytes, reason: str) -> None:
+    with pytest.raises(InvalidOrderError) as caught:
+        decode_order(payload)
+    assert reason in caught.value.reason
+    assert len(caught.value.reason) <= 200  # a reason is a line, not the payload again
+
+
+def test_nesting_within_the_limit_is_accepted_in_extra_fields() -> None:
+    nested = b'{"a": ' * 20 + b"1" + b"}" * 20
+    order = decode_order(ORDER_HEAD + nested + b"}")
+    assert order == Order(order_id=1, product_id=101, quantity=1)
+    # brackets inside strings are text, not nesting
+    assert decode_order(ORDER_HEAD + b'"' + b"[{" * 2000 + b'"}').quantity == 1
+    assert decode_order(ORDER_HEAD + b'"\\"' + b"[" * 2000 + b'"}').quantity == 1
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=False) | st.integers() | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
+    max_leaves=40,
+)
+
+
+@given(json_values, st.integers(0, 3000))
+def test_any_json_at_any_depth_decodes_or_raises_invalid_order(value: object, depth: int) -> None:
+    payload = b"[" * depth + json.dumps(value).encode() + b"]" * depth
+    for candidate in (payload, ORDER_HEAD + payload + b"}"):
+        try:
+            decode_order(candidate)
+        except InvalidOrderError as exc:
+            assert exc.reason and len(exc.reason) <= 200

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
+from bson import BSON, Decimal128, Int64
 from hypothesis import example, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -13,9 +14,19 @@ from hypothesis import strategies as st
 from stockflow.audit import Change, _counted
 from stockflow.orders import Command, Order, Restock
 from stockflow.outcomes import Outcome, Source
-from stockflow.planner import MARKER, MAX_TOPICS, Decision, Entry, Plan, ProductChange, plan_batch
+from stockflow.planner import (
+    MARKER,
+    MAX_TOPICS,
+    Decision,
+    Entry,
+    Owner,
+    Plan,
+    ProductChange,
+    owner_key,
+    plan_batch,
+)
 
-Owners = Mapping[tuple[str, int | str], Source]
+Owners = Mapping[tuple[str, int | str], Owner]
 Products = Mapping[int, Mapping[str, Any] | None]
 
 
@@ -147,12 +158,48 @@ def test_unknown_product_is_rejected_without_a_change() -> None:
     assert [c.product_id for c in result.changes] == [1]
 
 
-@pytest.mark.parametrize("stock", ["10", -1, 1.5, True, None, float("nan"), {"$gt": 0}])
+@pytest.mark.parametrize(
+    "stock",
+    [
+        "10",
+        -1,
+        1.5,
+        True,
+        None,
+        float("nan"),
+        {"$gt": 0},
+        # Numbers no stock can be: a write of them (less an order) would not even encode.
+        1e300,
+        float("inf"),
+        -float("inf"),
+        2.0**53,  # a double so large that it no longer counts single units
+        2**62 + 1,
+        2**63,
+        Int64(2**63 - 1),
+        -(2**63),
+        Decimal128("5"),
+        Decimal128("NaN"),
+        "x" * 100_000,
+    ],
+)
 def test_unusable_stock_dead_letters_the_products_commands(stock: Any) -> None:
     result = plan([order(0, 1, 1), restock(1, 1, 2)], {1: {"stock": stock}})
     assert [d.outcome for d in result.decisions] == [Outcome.DEAD_LETTERED] * 2
     assert all(d.reason and "unusable stock" in d.reason for d in result.decisions)
+    assert all(len(d.reason or "") < 200 for d in result.decisions)  # the value, cut short
     assert result.changes == []
+
+
+@pytest.mark.parametrize(
+    ("stock", "after"), [(-0.0, 0), (0.0, 0), (Int64(7), 7), (2**53 - 1, 2**53 - 1), (2**62, 2**62)]
+)
+def test_odd_but_usable_stock_values_are_plain_ints(stock: Any, after: int) -> None:
+    result = plan([restock(0, 1, 1), order(1, 1, 1)], {1: {"stock": stock}})
+    assert [d.outcome for d in result.decisions] == [Outcome.APPLIED] * 2
+    (change,) = result.changes
+    assert change.new_stock == after and type(change.new_stock) is int
+    assert type(change.marker["baseline"]) is int
+    BSON.encode({"stock": change.new_stock, MARKER: change.marker})  # writable as it is
 
 
 def test_an_integral_float_stock_is_accepted() -> None:
@@ -165,7 +212,10 @@ def test_an_integral_float_stock_is_accepted() -> None:
 
 def test_duplicates_change_nothing_and_the_owner_is_applied() -> None:
     entries = [order(0, 1, 2, oid="A"), order(1, 1, 3, oid="A"), restock(2, 1, 1, rid="A")]
-    owners: Owners = {("order", "A"): Source("cmds", 0, 0), ("restock", "A"): Source("cmds", 0, 2)}
+    owners: Owners = {
+        ("order", "A"): Owner(Source("cmds", 0, 0)),
+        ("restock", "A"): Owner(Source("cmds", 0, 2)),
+    }
     result = plan(entries, {1: {"stock": 10}}, owners)
     assert verdicts(result) == [
         (Source("cmds", 0, 0), Outcome.APPLIED, 8),
@@ -178,10 +228,23 @@ def test_duplicates_change_nothing_and_the_owner_is_applied() -> None:
 
 
 def test_a_duplicate_of_an_earlier_batch_changes_nothing() -> None:
-    owners: Owners = {("order", 7): Source("cmds", 3, 40)}
+    owners: Owners = {("order", 7): Owner(Source("cmds", 3, 40))}
     result = plan([order(0, 1, 2, oid=7)], {1: {"stock": 10}}, owners)
     assert [d.outcome for d in result.decisions] == [Outcome.DUPLICATE]
     assert result.changes == []
+
+
+def test_the_same_position_of_a_recreated_topic_is_a_duplicate_not_the_owner() -> None:
+    """A topic deleted and recreated repeats names, partitions and offsets: the id's owner is
+    the same delivery only if Kafka's topic id matches too."""
+    again = on("cmds", "id-new", 0, Order(7, 1, 2))
+    result = plan([again], {1: {"stock": 10}}, {("order", 7): Owner(again.position, "id-old")})
+    assert verdicts(result) == [(again.position, Outcome.DUPLICATE, None)]
+    assert result.changes == []
+    # The same incarnation (or an id unknown on either side) is the owner coming back.
+    for owner in (Owner(again.position, "id-new"), Owner(again.position)):
+        result = plan([again], {1: {"stock": 10}}, {("order", 7): owner})
+        assert verdicts(result) == [(again.position, Outcome.APPLIED, 8)]
 
 
 def test_replaying_a_written_but_uncommitted_batch_plans_the_same_and_writes_nothing() -> None:
@@ -466,14 +529,44 @@ def test_a_replay_after_another_topic_wrote_is_read_from_its_steps() -> None:
     assert verdicts(shorter) == verdicts(first)[1:] and shorter.changes == []
 
 
-def test_rewound_offsets_before_the_written_range_change_nothing() -> None:
-    """Commands committed before the entry's steps began, read again (offsets rewound): they
-    were applied then; they are told again without touching stock."""
-    doc = run_committed(orders_on("a", "A", 3, 1), {"stock": 10})  # 0..2 committed: 7
-    doc = run_committed(orders_on("a", "A", 2, 1, start=3), doc)  # steps now 3..4: 5
-    again = plan(orders_on("a", "A", 5, 1), {1: doc})
-    assert [d.stock_after for d in again.decisions] == [4, 3, 2, 6, 5]  # 0..2: no effect
+def recorded_owners(decisions: Sequence[Decision]) -> Owners:
+    """The owners of these decisions' ids, with the outcomes their records hold."""
+    return {
+        owner_key(d.entry.command): Owner(
+            d.entry.position, d.entry.topic_id, d.outcome, d.stock_after, d.reason
+        )
+        for d in decisions
+    }
+
+
+def test_rewound_offsets_are_told_as_recorded_and_change_nothing() -> None:
+    """Commands committed before the entry's steps began, read again (offsets rewound): their
+    records hold their decisions, which are told again as they are, without touching stock."""
+    first = plan(orders_on("a", "A", 3, 1), {1: {"stock": 10}})  # 0..2 committed: 7
+    doc = written({"stock": 10}, first.changes[0])
+    second = plan(orders_on("a", "A", 2, 1, start=3), {1: doc})  # steps now 3..4: 5
+    doc = written(doc, second.changes[0])
+    owners = recorded_owners([*first.decisions, *second.decisions])
+    again = plan(orders_on("a", "A", 5, 1), {1: doc}, owners)
+    assert verdicts(again) == verdicts(first) + verdicts(second)
     assert again.changes == []
+
+
+def test_a_rewound_refusal_stays_a_refusal_after_a_restock() -> None:
+    """An order of 5 refused at stock 3, then a restock of 10: read again, the order is the
+    refusal it was (before: a phantom ``applied`` at 8 with no change written)."""
+    refused = on("a", "A", 0, Order("o", 1, 5))
+    first = plan([refused], {1: {"stock": 3, MARKER: marker_of(0)}})
+    assert verdicts(first) == [(refused.position, Outcome.INSUFFICIENT_STOCK, 3)]
+    assert first.changes == []
+    restock_ = on("a", "A", 1, Restock("r", 1, 10))
+    second = plan([restock_], {1: {"stock": 3, MARKER: marker_of(0)}})
+    doc = written({"stock": 3, MARKER: marker_of(0)}, second.changes[0])
+    owners = recorded_owners([*first.decisions, *second.decisions])
+    for batch in ([refused], [refused, restock_]):
+        again = plan(batch, {1: doc}, owners)
+        assert verdicts(again) == verdicts(first) + verdicts(second)[: len(batch) - 1]
+        assert again.changes == []
 
 
 def test_more_topics_than_a_marker_keeps_forget_the_least_recently_written() -> None:
@@ -516,7 +609,7 @@ schedules = st.lists(
     st.fixed_dictionaries({1: st.integers(0, 20), 2: st.integers(0, 20)}),
     schedules,
 )
-@example(  # refused without a write and recorded; b restocks; the replay applies it
+@example(  # refused without a write and recorded; b restocks; the replay stays a refusal
     scripts=[[(False, 2, 1)], [(False, 2, 1)], [(True, 2, 2)]],
     stocks={1: 0, 2: 0},
     schedule=[(0, 1, False, 0, False), (2, 1, False, 0, True)],
@@ -541,7 +634,7 @@ def test_pipelines_sharing_products_with_crashes_apply_every_command_once(
     committed = [0, 0, 0]
     # By topic id and position (a recreated topic repeats positions).
     published: dict[tuple[str | None, Source], Decision] = {}
-    records: dict[tuple[str | None, Source], Decision] = {}  # a replay's record replaces
+    records: dict[tuple[str | None, Source], Decision] = {}  # inserted once, never replaced
 
     def attempt(t: int, size: int, commit: bool, lost: int, recorded: bool) -> None:
         if t == 2 and committed[0] < len(topics[0]):
@@ -549,7 +642,10 @@ def test_pipelines_sharing_products_with_crashes_apply_every_command_once(
         batch = topics[t][committed[t] : committed[t] + size]
         if not batch:
             return
-        result = plan(batch, docs)
+        owners = recorded_owners(
+            [d for e in batch if (d := records.get((e.topic_id, e.position))) is not None]
+        )
+        result = plan(batch, docs, owners)
         for change in result.changes:
             doc = docs[change.product_id] or {}
             assert (doc["stock"], version_of(doc)) == (
@@ -560,7 +656,8 @@ def test_pipelines_sharing_products_with_crashes_apply_every_command_once(
                 docs[change.product_id] = written(doc, change)
         lost_any = not commit and lost in {c.product_id for c in result.changes}
         if commit or (recorded and not lost_any):
-            records.update(((d.entry.topic_id, d.entry.position), d) for d in result.decisions)
+            for d in result.decisions:
+                records.setdefault((d.entry.topic_id, d.entry.position), d)
         if commit:
             published.update(((d.entry.topic_id, d.entry.position), d) for d in result.decisions)
             committed[t] += len(batch)
@@ -588,3 +685,93 @@ def test_pipelines_sharing_products_with_crashes_apply_every_command_once(
     assert {p: (d.outcome, d.stock_after) for p, d in records.items()} == {
         p: (d.outcome, d.stock_after) for p, d in published.items()
     }
+
+
+# --- one product on several partitions in one batch ----------------------------------------
+
+
+def at(partition: int, offset: int, command: Command) -> Entry:
+    return Entry(Source("cmds", partition, offset), Source("in", 0, 1000 + offset), command)
+
+
+def test_a_replay_of_one_partition_with_new_commands_of_another_in_one_batch() -> None:
+    """Partition 0's written batch comes again with a new order of the same product from
+    partition 1 at an offset inside partition 0's range: before, that order was read back
+    from partition 0's step of the same offset (a phantom ``applied``, nothing written)."""
+    p0 = [at(0, i, Order(f"p0-{i}", 1, 1)) for i in range(5)]
+    first = plan(p0, {1: {"stock": 100}})
+    doc = written({"stock": 100}, first.changes[0])  # 95, not committed
+    new = at(1, 3, Order("p1-3", 1, 2))
+    again = plan([*p0, new], {1: doc})
+    assert verdicts(again) == [*verdicts(first), (new.position, Outcome.APPLIED, 93)]
+    (change,) = again.changes
+    assert (change.expected_stock, change.new_stock) == (95, 93)
+    assert change.expected_version == version_of(doc)
+    entries_ = {t["partition"]: t for t in change.marker["topics"]}
+    assert entries_[0]["last"] == 4 and len(entries_[0]["steps"]) == 5
+    assert (entries_[1]["last"], entries_[1]["steps"]) == (3, {"3": 93})
+    # And that write replayed in turn reads both partitions back, writing nothing.
+    replay = plan([*p0, new], {1: written(doc, change)})
+    assert verdicts(replay) == verdicts(again) and replay.changes == []
+
+
+mixed = st.lists(
+    st.tuples(st.integers(0, 1), st.booleans(), st.integers(1, 2), st.integers(1, 20)),
+    min_size=1,
+    max_size=30,
+)
+
+
+@given(mixed, initial_stocks, st.integers(0, 30))
+# Partition 0 restocks, partition 1's refused order, crash, and the replay meets a later
+# restock of partition 0 first: the refusal wrote nothing, so it may be decided afresh.
+@example(
+    [(0, False, 1, 1), (0, False, 1, 1), (1, True, 1, 3), (0, False, 1, 1)], {1: 0, 2: 0, 3: 0}, 3
+)
+def test_commands_of_several_partitions_replay_consistently(
+    script: list[tuple[int, bool, int, int]], stocks: dict[int, int], cut: int
+) -> None:
+    """A batch mixing two partitions' commands on shared products, written up to a cut and
+    crashed, then replayed whole: the written commands keep their decisions, stock moves by
+    exactly the replay's applied commands, and reading it again changes nothing."""
+    offsets = [0, 0]
+    batch = []
+    for partition, is_order, product, qty in script:
+        offset = offsets[partition]
+        offsets[partition] += 1
+        kind = Order if is_order else Restock
+        batch.append(at(partition, offset, kind(f"{partition}-{offset}", product, qty)))
+    docs: dict[int, Mapping[str, Any] | None] = {p: {"stock": s} for p, s in stocks.items()}
+    old = plan(batch[:cut], docs)
+    for change in old.changes:
+        docs[change.product_id] = written(docs[change.product_id] or {}, change)
+    replayed = plan(batch, docs)
+    # What the crashed attempt wrote keeps its decision. A partition's refusals that needed no
+    # write left nothing durable (no record, nothing published): the replay, which may now
+    # meet another partition's later commands first, decides those afresh.
+    written_at = {
+        (item["partition"], int(offset))
+        for change in old.changes
+        for item in change.marker["topics"]
+        for offset in item["steps"]
+    }
+
+    def durable(p: Plan) -> list[tuple[Source, Outcome, int | None]]:
+        return [v for v in verdicts(p) if (v[0].partition, v[0].offset) in written_at]
+
+    assert durable(replayed) == durable(old)
+    for change in replayed.changes:
+        doc = docs[change.product_id] or {}
+        assert (change.expected_stock, change.expected_version) == (doc["stock"], version_of(doc))
+        docs[change.product_id] = written(doc, change)
+    for pid, stock in stocks.items():
+        applied = [
+            d.entry.command.delta
+            for d in replayed.decisions
+            if d.outcome is Outcome.APPLIED and d.entry.command.product_id == pid
+        ]
+        assert (docs[pid] or {})["stock"] == stock + sum(applied) >= 0
+    assert all((d.stock_after or 0) >= 0 for d in replayed.decisions)
+    # Committed, then read again: told as recorded, nothing written.
+    again = plan(batch, docs, recorded_owners(replayed.decisions))
+    assert verdicts(again) == verdicts(replayed) and again.changes == []

@@ -5,20 +5,8 @@ at release time), so stockflow builds a few lines of its own around FerretDB's e
 package (``assets/ferretdb/main.go``) into ``<cache>/ferretdb-<version>/ferretdb``.
 Storage is SQLite under the state folder, or the local PostgreSQL (see ``postgres.py``).
 
-The build carries three small patches (:data:`PATCHES`, applied to a copy of the module's
-source and wired in with a ``replace`` directive), none of which changes a result:
-
-- FerretDB v1 pushes a filter on ``_id`` down to PostgreSQL as JSON containment
-  (``_jsonb->'_id' @> $1``), which the btree index FerretDB itself creates on ``_id`` cannot
-  serve: every lookup or update by ``_id`` scanned the whole table (6 ms per statement at
-  20,000 documents, growing with the collection). ``_id`` is never an array, so containment is
-  plain equality there; the patch says ``=`` for ``_id`` and the index is used (0.7 ms, flat).
-  FerretDB filters every fetched document again anyway.
-- An update that changes one document runs its one ``UPDATE`` statement on its own instead of
-  between ``BEGIN`` and ``COMMIT`` (one statement is atomic): two round trips fewer per
-  document, a quarter of FerretDB's CPU for an update.
-- Leak tracking of cursors and iterators (a stack trace recorded for each, a panic of the whole
-  server for one not closed) is off: it took a tenth of the server's CPU under load.
+The build carries a few small patches (``ferretdb_patches.py``, applied to a copy of the
+module's source and wired in with a ``replace`` directive); each says there why it is safe.
 """
 
 from __future__ import annotations
@@ -29,132 +17,29 @@ import shutil
 import stat
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
 
+from stockflow.config import Settings
 from stockflow.errors import ProvisionError
+from stockflow.stack import process
+from stockflow.stack.ferretdb_patches import BUILD, Build, apply_patches
 from stockflow.stack.service import Reporter, Service, require_tool
 
 MODULE = "github.com/FerretDB/FerretDB"
 
-BUILD_TAG = "stockflow2"
-"""Names the patch level in the cache folder, so a changed patch means a fresh build."""
-
-
-@dataclass(frozen=True)
-class Patch:
-    """Replace ``anchor`` (which must occur exactly once) in ``path`` of the module source."""
-
-    path: str
-    anchor: str
-    replacement: str
-
-
-_FILTER_EQUAL_END = """\
-	default:
-		panic(fmt.Sprintf("Unexpected type of value: %v", v))
-	}
-
-	return
-}
-"""
-
-_UPDATE_ALL_LOOP = """\
-	err = pool.InTransaction(ctx, p, func(tx pgx.Tx) error {
-		for _, doc := range params.Docs {
-			var b []byte
-			if b, err = sjson.Marshal(doc); err != nil {
-				return lazyerrors.Error(err)
-			}
-"""
-
-_UPDATE_ONE = """\
-	// stockflow: one UPDATE statement is atomic on its own; BEGIN and COMMIT around it cost
-	// two more round trips to PostgreSQL for every document an update command changes.
-	if len(params.Docs) == 1 {
-		doc := params.Docs[0]
-
-		b, err := sjson.Marshal(doc)
-		if err != nil {
-			return nil, lazyerrors.Error(err)
-		}
-
-		id, _ := doc.Get("_id")
-		must.NotBeZero(id)
-
-		tag, err := p.Exec(ctx, q, b, must.NotFail(sjson.MarshalSingleValue(id)))
-		if err != nil {
-			return nil, lazyerrors.Error(err)
-		}
-
-		res.Updated = int32(tag.RowsAffected())
-
-		return &res, nil
-	}
-
-"""
-
-_TRACK_START = """\
-func Track(obj any, token *Token) {
-	checkArgs(obj, token)
-"""
-
-_UNTRACK_START = """\
-func Untrack(obj any, token *Token) {
-	checkArgs(obj, token)
-"""
-
-_RETURN = """\
-
-	// stockflow: leak tracking records a stack trace for every cursor and iterator (a tenth
-	// of the server's CPU under load) and panics the whole server if one is not closed.
-	return
-"""
-
-PATCHES = (
-    Patch(
-        "internal/backends/postgresql/query.go",
-        _FILTER_EQUAL_END,
-        _FILTER_EQUAL_END.removesuffix("\n\treturn\n}\n")
-        + """
-	// stockflow: _id is never an array, so containment is equality, which the _id index serves.
-	if k == "_id" && operator == "->" && filter != "" {
-		filter = strings.Replace(filter, " @> ", " = ", 1)
-	}
-
-	return
-}
-""",
-    ),
-    Patch(
-        "internal/backends/postgresql/collection.go",
-        _UPDATE_ALL_LOOP,
-        _UPDATE_ONE + _UPDATE_ALL_LOOP,
-    ),
-    Patch("internal/util/resource/resource.go", _TRACK_START, _TRACK_START + _RETURN),
-    Patch("internal/util/resource/resource.go", _UNTRACK_START, _UNTRACK_START + _RETURN),
-)
-
-
-def apply_patches(source: Path) -> None:
-    """Apply :data:`PATCHES` to a writable copy of the FerretDB module source."""
-    for patch in PATCHES:
-        target = source / patch.path
-        text = target.read_text()
-        if text.count(patch.anchor) != 1:
-            raise ProvisionError(
-                f"ferretdb: cannot patch {patch.path}: the expected code is not there "
-                "(a different FerretDB version?)"
-            )
-        target.write_text(text.replace(patch.anchor, patch.replacement))
-
 
 @cache
 def _binary_version(binary: str) -> str:
-    result = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
-    return result.stdout.replace(" (embedded)", "").strip() or "FerretDB (unknown version)"
+    """``FerretDB v1.24.2, build stockflow3``: the version and patch level of a built binary."""
+    try:
+        result = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
+    except OSError:
+        return "FerretDB (unknown version)"
+    version = result.stdout.replace(" (embedded)", "").strip() or "FerretDB (unknown version)"
+    build = Path(binary).parent.name.rpartition("-")[2]
+    return f"{version}, build {build}" if build.startswith("stockflow") else version
 
 
 PROBE_TIMEOUT_MS = 3000
@@ -168,6 +53,10 @@ class FerretDBService(Service):
     name = "ferretdb"
     external_kind = "mongodb"
 
+    def __init__(self, settings: Settings, build: Build = BUILD) -> None:
+        super().__init__(settings)
+        self.build = build
+
     @property
     def port(self) -> int:
         return self.settings.ferretdb_port
@@ -179,7 +68,7 @@ class FerretDBService(Service):
     @property
     def binary(self) -> Path:
         version = self.settings.ferretdb_version
-        return self.settings.cache_dir / f"ferretdb-{version}-{BUILD_TAG}" / "ferretdb"
+        return self.settings.cache_dir / f"ferretdb-{version}-{self.build.tag}" / "ferretdb"
 
     @property
     def data_dir(self) -> Path:
@@ -205,7 +94,7 @@ class FerretDBService(Service):
             shutil.copytree(json.loads(download)["Dir"], source)
             for path in [source, *source.rglob("*")]:
                 path.chmod(path.stat().st_mode | stat.S_IWUSR)
-            apply_patches(source)
+            apply_patches(source, self.build.patches)
             with (work / "go.mod").open("a") as gomod:
                 gomod.write(f"\nreplace {MODULE} => ./ferretdb-src\n")
             self._go([go, "build", "-trimpath", "-o", str(work / "ferretdb"), "."], work, env)
@@ -283,4 +172,7 @@ class FerretDBService(Service):
         if self.external:
             return f"FerretDB {info['ferretdbVersion']} ({wire})"
         backend = self.settings.ferretdb_backend
-        return f"{_binary_version(str(self.binary))} ({wire}, {backend})"
+        # The binary that runs, which may be an older build than the one this code would start.
+        record = process.read_pidfile(self.pidfile)
+        binary = record.argv0 if record is not None else str(self.binary)
+        return f"{_binary_version(binary)} ({wire}, {backend})"

@@ -1,0 +1,322 @@
+"""What FerretDB's compare-and-set patch costs: the builds with and without it, side by side.
+
+Both builds (``ferretdb_patches.BUILD`` and ``WITHOUT_CAS``, each built into the cache if
+missing) run at once, each on a fresh private PostgreSQL and its own ports, and take turns
+on the same workloads, several rounds; the median of the rounds is reported:
+
+- ``guarded $inc``: ``{product_id, stock >= 1}`` + ``$inc``, one writer (the seed's update);
+- ``compare-and-set``: stockflow's single update, ``{_id, stock, _stockflow.last}`` + ``$set``
+  of what was read, one writer, read and write per update;
+- ``bulk compare-and-set``: stockflow's write (``Inventory.write_changes``): 2,000 products
+  read, then changed in unordered commands of 16 statements, 8 commands side by side;
+- ``contended``: 8 writers of one product, each read then compare-and-set, retried on "not
+  matched": successful updates/s and how many of them the final stock lacks (lost);
+- CPU time per update of FerretDB and of PostgreSQL (all its processes) in each workload,
+  from ``/proc``: a busy machine disturbs it less than it disturbs the rates.
+
+Usage: ``python -m bench.ferretdb_cas [--updates N] [--rounds R] [--json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pymongo import MongoClient, UpdateOne
+from pymongo.collection import Collection
+
+from stockflow.config import Settings
+from stockflow.ledger import CHUNK, chunks
+from stockflow.planner import MARKER
+from stockflow.stack.ferretdb import FerretDBService
+from stockflow.stack.ferretdb_patches import BUILD, WITHOUT_CAS, Build
+from stockflow.stack.postgres import PostgresService
+from stockflow.stack.service import Service
+
+Doc = dict[str, Any]
+BIG = 10**9
+BULK_PRODUCTS = 2000
+WRITERS = 8
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of ``pid`` and its descendants that are alive now."""
+    total = 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        total = (int(fields[11]) + int(fields[12])) / TICKS
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                total += _cpu_seconds(int(child))
+    except (OSError, ValueError):
+        pass  # gone in between
+    return total
+
+
+class Instance:
+    """One build of FerretDB on its own PostgreSQL, in a temporary state folder."""
+
+    def __init__(self, build: Build, ports: tuple[int, int], state: Path) -> None:
+        state.mkdir()
+        state.chmod(0o755)  # PostgreSQL runs as its own user and must reach its folder
+        self.build = build
+        self.settings = Settings(
+            state_dir=state,
+            ferretdb_backend="postgresql",
+            ferretdb_port=ports[0],
+            postgres_port=ports[1],
+        )
+        self.services: list[Service] = [
+            PostgresService(self.settings),
+            FerretDBService(self.settings, build),
+        ]
+        self.pids: list[int] = []
+
+    def start(self) -> None:
+        for service in self.services:
+            service.dir.mkdir(parents=True, exist_ok=True)
+            service.provision(print)
+            service.prepare(lambda _: None)
+            _, pid = service.start(lambda _: None)
+            service.wait_ready(pid)
+            self.pids.append(pid or 0)
+
+    def stop(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+
+    def client(self) -> MongoClient[Doc]:
+        return MongoClient(self.settings.mongodb_url)
+
+
+def _timed(instance: Instance, updates: int, work: Callable[[], int]) -> dict[str, float]:
+    """Run ``work`` (returns the updates it made): updates/s, and CPU µs per update of
+    PostgreSQL (all its processes) and of FerretDB."""
+    cpu = [_cpu_seconds(pid) for pid in instance.pids]
+    begin = time.perf_counter()
+    done = work()
+    wall = time.perf_counter() - begin
+    used = [_cpu_seconds(pid) - before for pid, before in zip(instance.pids, cpu, strict=True)]
+    assert done == updates, (done, updates)
+    return {
+        "per_s": done / wall,
+        "wall_s": wall,
+        "postgres_cpu_us": used[0] / done * 1e6,
+        "ferretdb_cpu_us": used[1] / done * 1e6,
+    }
+
+
+def _guarded_inc(col: Collection[Doc], updates: int) -> int:
+    for _ in range(updates):
+        col.update_one({"product_id": 7, "stock": {"$gte": 1}}, {"$inc": {"stock": -1}})
+    return updates
+
+
+def _compare_and_set(col: Collection[Doc], doc_id: Any, updates: int) -> tuple[int, int]:
+    """Read-then-CAS ``updates`` times; returns (successes, attempts)."""
+    done = attempts = 0
+    while done < updates:
+        attempts += 1
+        doc = col.find_one({"_id": doc_id})
+        assert doc is not None
+        last = doc.get(MARKER, {}).get("last")
+        result = col.update_one(
+            {
+                "_id": doc_id,
+                "stock": doc["stock"],
+                f"{MARKER}.last": {"$exists": False} if last is None else last,
+            },
+            {"$set": {"stock": doc["stock"] - 1, MARKER: {"last": attempts}}},
+        )
+        done += result.matched_count
+    return done, attempts
+
+
+def _bulk(col: Collection[Doc], pool: ThreadPoolExecutor) -> int:
+    """One ``write_changes`` of every product: read all, then conditional updates in chunks."""
+    read = list(col.find({}))
+    ops = [
+        UpdateOne(
+            {
+                "_id": doc["_id"],
+                "stock": doc["stock"],
+                f"{MARKER}.last": doc[MARKER]["last"] if MARKER in doc else {"$exists": False},
+            },
+            {"$set": {"stock": doc["stock"] - 1, MARKER: {"last": doc["stock"]}}},
+        )
+        for doc in read
+    ]
+    matched = sum(
+        pool.map(
+            lambda chunk: col.bulk_write(list(chunk), ordered=False).matched_count,
+            chunks(ops, CHUNK),
+        )
+    )
+    assert matched == len(ops), (matched, len(ops))
+    return matched
+
+
+def _contended(instance: Instance, updates: int) -> dict[str, float]:
+    client = instance.client()
+    col = client.bench.contended
+    col.delete_many({})
+    col.insert_one({"_id": "hot", "stock": BIG})
+    per_writer = updates // WRITERS
+    results: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def writer() -> None:
+        own = instance.client()
+        outcome = _compare_and_set(own.bench.contended, "hot", per_writer)
+        own.close()
+        with lock:
+            results.append(outcome)
+
+    def work() -> int:
+        threads = [threading.Thread(target=writer) for _ in range(WRITERS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return sum(done for done, _ in results)
+
+    row = _timed(instance, WRITERS * per_writer, work)
+    final = col.find_one({"_id": "hot"})
+    assert final is not None
+    done = sum(d for d, _ in results)
+    row["lost"] = done - (BIG - int(final["stock"]))
+    row["kept_per_s"] = (done - row["lost"]) / row["wall_s"]
+    row["attempts_per_update"] = sum(a for _, a in results) / done
+    client.close()
+    return row
+
+
+def measure(instance: Instance, updates: int) -> dict[str, dict[str, float]]:
+    client = instance.client()
+    db = client.bench
+    db.drop_collection("small")
+    db.drop_collection("bulk")
+    db.small.create_index("product_id", unique=True)
+    db.small.insert_many([{"_id": i, "product_id": i, "stock": BIG} for i in range(100)])
+    db.bulk.insert_many([{"_id": i, "product_id": i, "stock": BIG} for i in range(BULK_PRODUCTS)])
+    rows: dict[str, dict[str, float]] = {}
+    rows["guarded $inc"] = _timed(instance, updates, lambda: _guarded_inc(db.small, updates))
+    rows["compare-and-set"] = _timed(
+        instance, updates, lambda: _compare_and_set(db.small, 42, updates)[0]
+    )
+    with ThreadPoolExecutor(8) as pool:
+        rounds = max(1, updates // BULK_PRODUCTS)
+        rows["bulk compare-and-set"] = _timed(
+            instance,
+            rounds * BULK_PRODUCTS,
+            lambda: sum(_bulk(db.bulk, pool) for _ in range(rounds)),
+        )
+    rows["contended"] = _contended(instance, updates)
+    client.close()
+    return rows
+
+
+def _free_ports(n: int) -> list[int]:
+    """Ports the system reports free now (fixed ones may be a client connection's local port)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@contextmanager
+def _instances(builds: list[Build]) -> Iterator[list[Instance]]:
+    with tempfile.TemporaryDirectory(prefix="ferret-cas-") as tmp:
+        Path(tmp).chmod(0o755)
+        ports = _free_ports(2 * len(builds))
+        instances = [
+            Instance(build, (ports[2 * n], ports[2 * n + 1]), Path(tmp) / build.tag)
+            for n, build in enumerate(builds)
+        ]
+        try:
+            for instance in instances:
+                instance.start()
+            yield instances
+        finally:
+            for instance in instances:
+                instance.stop()
+
+
+def run(updates: int, rounds: int) -> dict[str, dict[str, dict[str, float]]]:
+    builds = [WITHOUT_CAS, BUILD]
+    samples: dict[str, list[dict[str, dict[str, float]]]] = {b.tag: [] for b in builds}
+    with _instances(builds) as instances:
+        for _ in range(rounds):
+            for instance in instances:
+                samples[instance.build.tag].append(measure(instance, updates))
+    medians: dict[str, dict[str, dict[str, float]]] = {}
+    for tag, runs in samples.items():
+        medians[tag] = {
+            workload: {key: statistics.median(r[workload][key] for r in runs) for key in row}
+            for workload, row in runs[0].items()
+        }
+    return medians
+
+
+def table(result: dict[str, dict[str, dict[str, float]]]) -> str:
+    """The medians as a Markdown table, and the contended run's outcome per build."""
+    out: list[str] = []
+    before, after = result[WITHOUT_CAS.tag], result[BUILD.tag]
+    out.append(
+        f"| workload | updates/s {WITHOUT_CAS.tag} | {BUILD.tag} | change "
+        "| FerretDB CPU µs/update before | after | PostgreSQL CPU µs/update before | after |"
+    )
+    out.append("|---|---|---|---|---|---|---|---|")
+    for workload, row in before.items():
+        new = after[workload]
+        change = (new["per_s"] / row["per_s"] - 1) * 100
+        out.append(
+            f"| {workload} | {row['per_s']:.0f} | {new['per_s']:.0f} | {change:+.0f}% "
+            f"| {row['ferretdb_cpu_us']:.0f} | {new['ferretdb_cpu_us']:.0f} "
+            f"| {row['postgres_cpu_us']:.0f} | {new['postgres_cpu_us']:.0f} |"
+        )
+    for tag, rows in result.items():
+        hot = rows["contended"]
+        out.append(
+            f"- {tag}, contended: {hot['lost']:.0f} matched updates lost, "
+            f"{hot['kept_per_s']:.0f} kept updates/s, "
+            f"{hot['attempts_per_update']:.2f} attempts per matched update"
+        )
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--updates", type=int, default=2000, help="updates per workload")
+    parser.add_argument("--rounds", type=int, default=3, help="turns per build (median)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--table", type=Path, help="print the table of an earlier --json run")
+    args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return
+    result = run(args.updates, args.rounds)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
