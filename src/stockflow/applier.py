@@ -54,7 +54,7 @@ from stockflow.orders import Command
 from stockflow.outcomes import Outcome, source_of
 from stockflow.planner import MARKER, Decision, Entry, Plan, ProductChange, plan_batch
 from stockflow.retry import CircuitBreaker
-from stockflow.router import H_SOURCE, decode_message, decode_source
+from stockflow.router import H_SOURCE, H_SOURCE_ID, decode_message, decode_source
 
 log = logging.getLogger("stockflow.orders")
 
@@ -201,7 +201,15 @@ class Applier:
                 outputs.append(self._output(letters[-1]))
                 counts[Outcome.DEAD_LETTERED.value] += 1
                 continue
-            entries.append(Entry(position, source, command, self._topic_id(position.topic)))
+            entries.append(
+                Entry(
+                    position,
+                    source,
+                    command,
+                    self._topic_id(position.topic),
+                    _source_id(headers),
+                )
+            )
         self._clock("decode")
         try:
             decisions = self._apply(entries)
@@ -371,6 +379,7 @@ class Applier:
                 if command is not None
                 else None
             ),
+            source_id=_source_id(headers),
         )
 
     def _output(self, letter: FittedLetter) -> Output:
@@ -381,6 +390,12 @@ class Applier:
             headers=letter.headers,
             source=letter.source,
         )
+
+
+def _source_id(headers: Mapping[str, object]) -> str | None:
+    """Kafka's id of the input topic, as the router recorded it on a command."""
+    raw = headers.get(H_SOURCE_ID)
+    return raw.decode(errors="replace") if isinstance(raw, bytes) else None
 
 
 def _log_decision(decision: Decision) -> None:

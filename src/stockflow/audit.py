@@ -9,7 +9,11 @@
    claimed, a place in a claim's duplicates, or a dead letter; no claim may be left without
    its record (pending). A dead letter that was replayed (``stockflow dlq replay`` marks the
    copy with ``stockflow.replayed-from``) is not a final outcome: the replay's outcome is, so
-   the outcome counts hold each logical message once.
+   the outcome counts hold each logical message once. Outcomes are matched to messages by
+   input position, counting only those of the input topic's current incarnation: each names
+   Kafka's id of the input topic it came from (``sourceId``), so a topic deleted and recreated
+   under the same name, whose positions start again at 0, is not taken for its predecessor.
+   Outcomes that name no id (recorded before ids were, or on a cluster without them) count.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ from typing import Any
 from stockflow.config import Settings
 from stockflow.deadletters import header_map
 from stockflow.dlq import H_REPLAYED_FROM, read_dead_letters, read_topic_to_end
-from stockflow.ledger import claims_name
+from stockflow.errors import TopicError
+from stockflow.ledger import claims_name, parse_duplicate_note
 from stockflow.outcomes import Outcome, Source
 from stockflow.pipeline import Pipeline
 from stockflow.planner import MARKER, topic_entries
+from stockflow.topics import topic_id
 
 
 @dataclass
@@ -65,10 +71,34 @@ def _src(value: Any) -> Source | None:
     return Source.parse(value) if isinstance(value, str) else None
 
 
+def _input_topic_id(settings: Settings) -> str | None:
+    try:
+        return topic_id(settings, settings.topic)
+    except TopicError:
+        return None  # no input topic: no message to account for
+
+
+class _Seen(defaultdict[Source, list[str]]):
+    """Outcomes by input position, of the input topic's current incarnation only."""
+
+    def __init__(self, current: str | None) -> None:
+        super().__init__(list)
+        self.current = current
+
+    def note(self, source: Source | None, source_id: Any, outcome: str) -> bool:
+        """Note an outcome of the message at ``source``; False if of another incarnation."""
+        if source is None:
+            return False
+        if isinstance(source_id, str) and self.current is not None and source_id != self.current:
+            return False
+        self[source].append(outcome)
+        return True
+
+
 def run_audit(settings: Settings, pipeline: Pipeline, *, messages: bool = True) -> AuditReport:
     report = AuditReport()
     database = pipeline.mongo[settings.database]
-    seen: dict[Source, list[str]] = defaultdict(list)
+    seen = _Seen(_input_topic_id(settings) if messages else None)
     deltas: dict[int, list[Change]] = defaultdict(list)
     for kind, name in (
         ("order", settings.orders_collection),
@@ -82,9 +112,7 @@ def run_audit(settings: Settings, pipeline: Pipeline, *, messages: bool = True) 
             if status == Outcome.DEAD_LETTERED.value:
                 continue  # written by earlier versions: the dead letter itself is the outcome
             report.outcomes[str(status)] += 1
-            source = _src(record.get("source"))
-            if source is not None:
-                seen[source].append(f"{ident}: {status}")
+            seen.note(_src(record.get("source")), record.get("sourceId"), f"{ident}: {status}")
             position = _src(record.get("position"))
             if status == Outcome.APPLIED.value and position is not None:
                 sign = -1 if kind == "order" else 1
@@ -106,9 +134,7 @@ def run_audit(settings: Settings, pipeline: Pipeline, *, messages: bool = True) 
             noted[claim["_id"]] = set(claim.get("duplicates") or [])
             if claim["_id"] not in recorded:
                 report.pending.append(ident)
-                source = _src(claim.get("source"))
-                if source is not None:
-                    seen[source].append(f"{ident}: pending")
+                seen.note(_src(claim.get("source")), claim.get("sourceId"), f"{ident}: pending")
             _count_duplicates(ident, claim.get("duplicates") or [], seen, report)
         for claim in released:
             # A copy noted on a released claim and again on the id's live claim (its batch was
@@ -120,8 +146,7 @@ def run_audit(settings: Settings, pipeline: Pipeline, *, messages: bool = True) 
     if messages:
         letters = read_dead_letters(settings)
         for letter in letters:
-            if letter.source is not None:
-                seen[letter.source].append(f"dead letter {letter.ref}: {letter.reason}")
+            seen.note(letter.source, letter.source_id, f"dead letter {letter.ref}: {letter.reason}")
         replays: set[str] = set()
         for msg in read_topic_to_end(settings, settings.topic):
             report.messages_checked += 1
@@ -144,13 +169,10 @@ def run_audit(settings: Settings, pipeline: Pipeline, *, messages: bool = True) 
     return report
 
 
-def _count_duplicates(
-    ident: str, duplicates: list[Any], seen: dict[Source, list[str]], report: AuditReport
-) -> None:
+def _count_duplicates(ident: str, duplicates: list[Any], seen: _Seen, report: AuditReport) -> None:
     for dup in duplicates:
-        dup_source = Source.parse(str(dup))
-        if dup_source is not None:
-            seen[dup_source].append(f"{ident}: duplicate")
+        dup_source, dup_id = parse_duplicate_note(str(dup))
+        if seen.note(dup_source, dup_id, f"{ident}: duplicate"):
             report.outcomes[Outcome.DUPLICATE.value] += 1
 
 

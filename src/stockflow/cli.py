@@ -147,7 +147,9 @@ def stack_status() -> None:
     rows = Stack(settings()).status()
     table = Table("service", "mode", "address", "state", "version", "pid")
     for row in rows:
-        state = "[green]up[/green]" if row.running else "[red]down[/red]"
+        # A service with a live process that does not answer (hung, or its storage hung).
+        dead = "[red]down[/red]" if row.pid is None else "[red]not answering[/red]"
+        state = "[green]up[/green]" if row.running else dead
         table.add_row(
             row.name, row.mode, row.address, state, row.version or "-", str(row.pid or "-")
         )

@@ -42,6 +42,8 @@ H_SIZE = "stockflow.dlq.original.size"
 H_SHA256 = "stockflow.dlq.original.sha256"
 H_TRUNCATED = "stockflow.dlq.truncated"
 H_ORIGINAL_TOPIC = "stockflow.dlq.original.topic"
+H_SOURCE_ID = "stockflow.dlq.source.id"
+"""Kafka's id of the input topic the source position belongs to (absent when not known)."""
 """On the loop's own dead letter of an output it could not produce: the output's topic."""
 
 PRODUCER_MAX_BYTES = 1_000_000
@@ -123,6 +125,7 @@ def build(
     stage: str,
     limit: int,
     details: Mapping[str, Any] | None = None,
+    source_id: str | None = None,
 ) -> FittedLetter:
     """The dead letter of a message: reason and source headers, then as much of the message
     as fits in ``limit`` bytes; ``details`` are extra fields for the kept document."""
@@ -140,6 +143,7 @@ def build(
         (H_STAGE, stage.encode()),
         (H_SIZE, str(len(payload)).encode()),
         (H_SHA256, digest.encode()),
+        *([(H_SOURCE_ID, source_id.encode())] if source_id else []),
     ]
     theirs = _header_items(original_headers)
     room = limit - MARGIN - _size(ours) - _size([(H_TRUNCATED, b"value,headers,key")])

@@ -24,6 +24,7 @@ from stockflow.deadletters import (
     H_REASON,
     H_SHA256,
     H_SIZE,
+    H_SOURCE_ID,
     H_STAGE,
     H_TIME,
     H_TRUNCATED,
@@ -61,6 +62,8 @@ class DeadLetter:
     sha256: str | None = None
     truncated: tuple[str, ...] = ()
     """What the topic's record lacks of the original (``value``, ``headers``, ``key``)."""
+    source_id: str | None = None
+    """Kafka's id of the input topic the message was read from, if recorded."""
 
     @property
     def ref(self) -> str:
@@ -159,6 +162,7 @@ def read_dead_letters(settings: Settings) -> list[DeadLetter]:
                 size=int(size) if size.isdigit() else None,
                 sha256=found.get(H_SHA256),
                 truncated=_truncated(found, msg.value()),  # type: ignore[attr-defined]
+                source_id=found.get(H_SOURCE_ID),
             )
         )
     return letters

@@ -51,6 +51,18 @@ def _from_src(value: Any) -> Source | None:
     return Source.parse(value) if isinstance(value, str) else None
 
 
+def duplicate_note(source: Source, source_id: str | None) -> str:
+    """A duplicate's note on the original's claim: its input position, and the input topic's
+    id after a ``#`` when known (a topic name has no ``#``)."""
+    return f"{source}#{source_id}" if source_id else str(source)
+
+
+def parse_duplicate_note(text: str) -> tuple[Source | None, str | None]:
+    """The inverse of ``duplicate_note``: position and input topic id (None if absent)."""
+    position, _, source_id = text.partition("#")
+    return Source.parse(position), source_id or None
+
+
 def _owner(claim: Doc, position: Source) -> Owner:
     topic_id = claim.get("topicId")
     return Owner(position, topic_id if isinstance(topic_id, str) else None)
@@ -221,6 +233,8 @@ class Ledger:
             # The commands topic's incarnation: a recreated topic repeats positions, and a
             # copy sent to it again must stay a duplicate.
             **({"topicId": entry.topic_id} if entry.topic_id else {}),
+            # The input topic's incarnation: the audit's message accounting, likewise.
+            **({"sourceId": entry.source_id} if entry.source_id else {}),
         }
 
     @staticmethod
@@ -240,6 +254,7 @@ class Ledger:
             # The commands topic's incarnation: the audit tells a recreated topic's records
             # apart from its predecessor's at the same positions.
             **({"topicId": decision.entry.topic_id} if decision.entry.topic_id else {}),
+            **({"sourceId": decision.entry.source_id} if decision.entry.source_id else {}),
             "at": at,
         }
 
@@ -264,7 +279,11 @@ class Ledger:
                 UpdateOne(
                     {"_id": d.entry.command.id},
                     # A string: FerretDB v1 stores no arrays inside arrays.
-                    {"$addToSet": {"duplicates": str(d.entry.source)}},
+                    {
+                        "$addToSet": {
+                            "duplicates": duplicate_note(d.entry.source, d.entry.source_id)
+                        }
+                    },
                 )
                 for d in mine
                 if d.outcome is Outcome.DUPLICATE

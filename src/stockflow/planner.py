@@ -61,6 +61,8 @@ class Entry:
     command: Command
     topic_id: str | None = None
     """Kafka's id of the commands topic (None: unknown, the topic's name alone identifies it)."""
+    source_id: str | None = None
+    """Kafka's id of the input topic, as the router recorded it (None: not recorded)."""
 
 
 @dataclass(frozen=True, slots=True)

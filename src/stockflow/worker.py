@@ -121,7 +121,8 @@ class Worker:
         if "router" in roles:
             self.loops["router"] = TransactionalLoop(
                 settings,
-                Router(settings, store),
+                # Commands and dead letters name the input topic's incarnation for the audit.
+                Router(settings, store, topic_ids=lambda name: topic_id(settings, name)),
                 topics=[settings.topic],
                 group_id=settings.router_group_id,
                 start_offsets=end_offsets(settings, settings.topic) if start_at_end else None,

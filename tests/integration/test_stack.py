@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from pymongo import MongoClient
 
 from stockflow.config import Settings
 from stockflow.stack import Stack
+from stockflow.stack.ferretdb import FerretDBService
 from stockflow.stack.postgres import PostgresService, _bin_dir, legacy_data_dir
 from stockflow.stack.process import is_alive, port_open
 from stockflow.stack.redis import RedisService
@@ -153,6 +156,71 @@ def test_a_second_stack_comes_up_and_down_leaves_nothing_running(tmp_path: Path)
     for port in ports:
         assert not port_open("127.0.0.1", port), f"port {port} still open"
     assert [r.action for r in stack.down()] == ["not running"] * 4
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and every process below it."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rpartition(")")[2].split()
+            children.setdefault(int(fields[1]), []).append(int(entry.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def test_status_of_a_ferretdb_whose_postgresql_hangs_returns_within_seconds(
+    tmp_path: Path,
+) -> None:
+    """A private FerretDB whose PostgreSQL is stopped with SIGSTOP accepts connections and
+    answers what needs no storage; status must try a real read and write, bounded, and say the
+    service is not answering. Before: 'up' (buildInfo only), and no socket timeout at all."""
+    tmp_path.chmod(0o700)
+    ports = _free_ports(2)
+    settings = Settings(
+        state_dir=tmp_path / "state", ferretdb_port=ports[0], postgres_port=ports[1]
+    )
+    postgres, ferretdb = PostgresService(settings), FerretDBService(settings)
+    try:
+        for service in (postgres, ferretdb):
+            _, pid = service.start(lambda _: None)
+            service.wait_ready(pid)
+        assert ferretdb.status().running
+        postgres_pid = postgres.running_pid()
+        assert postgres_pid is not None
+        tree = _tree(postgres_pid)
+        for member in tree:
+            os.kill(member, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            status = ferretdb.status()
+            assert time.monotonic() - started < 10
+            assert not status.running and status.pid is not None
+            shown = subprocess.run(
+                [sys.executable, "-m", "stockflow", "stack", "status"],
+                capture_output=True, text=True, timeout=60, check=False,
+                env={**os.environ, **{f"STOCKFLOW_{k}": str(v) for k, v in (
+                    ("STATE_DIR", settings.state_dir), ("FERRETDB_PORT", ports[0]),
+                    ("POSTGRES_PORT", ports[1]))}},
+            )  # fmt: skip
+            assert shown.returncode == 1, shown.stderr
+            line = next(x for x in shown.stdout.splitlines() if "ferretdb" in x)
+            assert "not answering" in line, shown.stdout
+        finally:
+            for member in reversed(tree):
+                os.kill(member, signal.SIGCONT)
+        assert ferretdb.status().running
+    finally:
+        ferretdb.stop()
+        postgres.stop()
+        if postgres.location_file.exists():
+            shutil.rmtree(postgres.data_dir.parent, ignore_errors=True)
 
 
 def test_postgres_has_a_password_and_private_data_and_older_clusters_are_migrated(

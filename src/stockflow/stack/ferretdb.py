@@ -42,6 +42,11 @@ def _binary_version(binary: str) -> str:
     return f"{version}, build {build}" if build.startswith("stockflow") else version
 
 
+PROBE_TIMEOUT_MS = 3000
+PROBE_DATABASE = "stockflow_stack"
+"""The local FerretDB's probe writes one document here."""
+
+
 class FerretDBService(Service):
     """FerretDB serving the MongoDB wire protocol on loopback."""
 
@@ -140,11 +145,23 @@ class FerretDBService(Service):
         from pymongo import MongoClient
         from pymongo.errors import PyMongoError
 
+        # Every call bounded (timeoutMS covers selection, connection and each reply): a server
+        # that accepts connections and never answers makes status say so within seconds.
         client: MongoClient[dict[str, object]] = MongoClient(
-            self.settings.mongodb_url, serverSelectionTimeoutMS=1500, connectTimeoutMS=1500
+            self.settings.mongodb_url,
+            serverSelectionTimeoutMS=PROBE_TIMEOUT_MS,
+            connectTimeoutMS=PROBE_TIMEOUT_MS,
+            socketTimeoutMS=PROBE_TIMEOUT_MS,
+            timeoutMS=PROBE_TIMEOUT_MS,
         )
         try:
             info = client.admin.command("buildInfo")
+            if not self.external:
+                # FerretDB answers buildInfo (and reads of what it has cached) without its
+                # storage: a write shows whether the PostgreSQL behind it answers too.
+                client[PROBE_DATABASE]["probe"].update_one(
+                    {"_id": "probe"}, {"$inc": {"n": 1}}, upsert=True
+                )
         except PyMongoError:
             return None
         finally:
