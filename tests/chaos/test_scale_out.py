@@ -137,7 +137,8 @@ def test_a_strategy_at_scale_with_three_workers(
     )
     started = time.monotonic()
     try:
-        produce(s, name, options, orders, rate=orders / 30)
+        # Orders arrive over 30 s at full size (3 s in make test's tenth), while workers run.
+        produce(s, name, options, orders, rate=orders / max(3.0, 30 * SCALE))
         deadline = time.monotonic() + 900
         while not settled(s, orders * copies):
             assert time.monotonic() < deadline, f"not settled in time; see {tmp_path}"
