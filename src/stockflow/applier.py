@@ -57,6 +57,8 @@ from stockflow.retry import CircuitBreaker
 from stockflow.router import H_SOURCE, H_SOURCE_ID, decode_message, decode_source
 
 log = logging.getLogger("stockflow.orders")
+"""The seed's per-order lines (``consume --quiet`` keeps only its warnings)."""
+events = logging.getLogger(__name__)
 
 PLAN_ATTEMPTS = 3
 """Plans of one batch before giving up on products that keep changing under the writer."""
@@ -169,6 +171,10 @@ class Applier:
         """The last offset handled of each partition."""
         self.seconds: defaultdict[str, float] = defaultdict(float)
         """Seconds spent in each step of handling batches (for benchmarks and metrics)."""
+        self.refused_writes = 0
+        """Product writes the compare-and-set refused: the product changed since this applier
+        read it (another pipeline's write, or the new owner's of a partition this worker lost
+        while it was paused). Each refusal is followed by a fresh read and a new plan."""
         self._last_tick = time.perf_counter()
         self.on_progress: Callable[[], None] = lambda: None
         """Called after each step of a batch (the loop's watchdog: a slow batch that makes
@@ -277,7 +283,12 @@ class Applier:
                 continue  # a product was not as remembered: plan again from the fresh state
             try:
                 self.inventory.write_changes(plan.changes)
-            except ConcurrentWriteError:
+            except ConcurrentWriteError as exc:
+                self.refused_writes += exc.refused
+                events.warning(
+                    "applier: %s, refused by the compare-and-set (plan %d of %d); reading them "
+                    "again", exc, attempt, PLAN_ATTEMPTS,
+                )  # fmt: skip
                 self.memory.forget(wanted)
                 if attempt == PLAN_ATTEMPTS:
                     raise

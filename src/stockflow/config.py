@@ -200,6 +200,16 @@ class Settings(BaseSettings):
         description="Kafka transaction timeout: how long a crashed consumer's open "
         "transaction can hold readers back.",
     )
+    session_timeout_ms: int = Field(
+        default=10_000,
+        ge=6000,
+        le=300_000,
+        description="Kafka consumer-group session timeout of both stages: a worker that sends "
+        "no heartbeat for this long (crashed, frozen, cut off) loses its partitions to the "
+        "others. Shorter: faster failover; longer: a pause (GC, a suspended VM) is survived "
+        "without a rebalance. The broker's group.min.session.timeout.ms (6 s by default) is "
+        "the floor.",
+    )
     max_attempts: int = Field(
         default=5,
         ge=1,

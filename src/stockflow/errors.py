@@ -73,7 +73,12 @@ class TransientError(StockflowError):
 
 
 class ConcurrentWriteError(TransientError):
-    """A product changed between reading it and writing it: another writer is active."""
+    """A product changed between reading it and writing it: another writer is active;
+    ``refused`` counts the product writes the compare-and-set turned down."""
+
+    def __init__(self, message: str, *, refused: int = 0) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 EXIT_TEMPFAIL = 75

@@ -127,7 +127,8 @@ class Inventory:
         matched = sum(side_by_side(self.pool, write, chunks(ops, self._chunk_size(len(ops)))))
         if matched != len(ops):
             raise ConcurrentWriteError(
-                f"{len(ops) - matched} of {len(ops)} product(s) changed under this writer"
+                f"{len(ops) - matched} of {len(ops)} product(s) changed under this writer",
+                refused=len(ops) - matched,
             )
 
     def _chunk_size(self, statements: int) -> int:

@@ -52,7 +52,7 @@ def loop_consumer(settings: Settings, *, group_id: str, client_id: str, **overri
             "enable.auto.commit": False,
             "isolation.level": "read_committed",
             "auto.offset.reset": "earliest",
-            "session.timeout.ms": 10_000,
+            "session.timeout.ms": settings.session_timeout_ms,
             "heartbeat.interval.ms": 1_000,
             "max.poll.interval.ms": 300_000,
             "fetch.wait.max.ms": 100,

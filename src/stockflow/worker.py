@@ -44,6 +44,8 @@ class WorkerStats:
     applier: LoopStats = field(default_factory=LoopStats)
     applier_steps: dict[str, float] = field(default_factory=dict)
     """Seconds the applier spent in each step of its batches."""
+    refused_writes: int = 0
+    """The applier's product writes refused by the compare-and-set (another writer was first)."""
 
     @property
     def outcomes(self) -> Counter[str]:
@@ -78,6 +80,7 @@ class WorkerStats:
                 for name, loop in (("router", self.router), ("applier", self.applier))
             },
             "applier_seconds": rounded(self.applier_steps),
+            "refused_writes": self.refused_writes,
         }
 
 
@@ -198,6 +201,7 @@ class Worker:
                 thread.join()
             raise
         self.stats.applier_steps = dict(self.applier.seconds)
+        self.stats.refused_writes = self.applier.refused_writes
         if self.errors:
             raise self.errors[0]
         return self.stats

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -114,11 +114,15 @@ def worker_env(s: Settings) -> dict[str, str]:
 
 
 class Workers:
-    """``stockflow consume`` processes that can be killed and restarted."""
+    """``stockflow consume`` processes that can be killed and restarted; ``program`` runs
+    them (default ``python -m stockflow``; the arguments from ``consume`` on are added)."""
 
-    def __init__(self, s: Settings, count: int, log_dir: Path) -> None:
+    def __init__(
+        self, s: Settings, count: int, log_dir: Path, program: Sequence[str] | None = None
+    ) -> None:
         self.settings = s
         self.log_dir = log_dir
+        self.program = list(program or [sys.executable, "-m", "stockflow"])
         log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: list[BinaryIO] = []
@@ -130,7 +134,7 @@ class Workers:
         self.logs.append(log)
         self.procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "stockflow", "consume", "--quiet", "--no-supervise"],
+                [*self.program, "consume", "--quiet", "--no-supervise"],
                 env=worker_env(self.settings),
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -214,14 +218,15 @@ def run_chaos(
     log_dir: Path,
     timeout: float = 600,
     seed: int = 7,
+    program: Sequence[str] | None = None,
 ) -> ChaosResult:
-    """Run one scenario to the end and audit it."""
+    """Run one scenario to the end and audit it (``program``: how workers run, ``Workers``)."""
     rng = random.Random(seed)
     s = chaos_settings(base)
     started = time.monotonic()
     with open_pipeline(s) as pipeline:
         pipeline.inventory.seed({pid: SEED_STOCK for pid in range(1, products + 1)})
-    pool = Workers(s, workers, log_dir)
+    pool = Workers(s, workers, log_dir, program)
     result = ChaosResult(name, 0, 0, 0)
     try:
         producer_result: list[tuple[int, int, int]] = []

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from stockflow import kafka_clients
 from stockflow.config import Settings, load_settings, mask_url
 from stockflow.errors import ConfigError
 
@@ -141,3 +142,20 @@ def test_unusable_settings_are_one_line_naming_each_variable(
     assert "\n" not in message
     assert "STOCKFLOW_BATCH_SIZE: Input should be greater than or equal to 1 (got '0')" in message
     assert "STOCKFLOW_MONGODB_SOCKET_TIMEOUT_MS" in message and "'soon'" in message
+
+
+def test_the_session_timeout_reaches_both_stages_above_the_brokers_floor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """How long a frozen worker keeps its partitions (docs/scaling.md, "A paused worker")."""
+    assert (
+        kafka_clients.loop_consumer(Settings(), group_id="g", client_id="c")["session.timeout.ms"]
+        == 10_000
+    )
+    monkeypatch.setenv("STOCKFLOW_SESSION_TIMEOUT_MS", "6000")
+    config = kafka_clients.loop_consumer(load_settings(), group_id="g", client_id="c")
+    assert config["session.timeout.ms"] == 6000
+    assert 3 * config["heartbeat.interval.ms"] <= 6000  # a few heartbeats per session
+    monkeypatch.setenv("STOCKFLOW_SESSION_TIMEOUT_MS", "3000")  # the broker would refuse it
+    with pytest.raises(ConfigError, match="STOCKFLOW_SESSION_TIMEOUT_MS"):
+        load_settings()
