@@ -299,13 +299,14 @@ class GroupWatch:
     def _run(self) -> None:
         while not self._stop.wait(0.5):
             for stage, group in self.groups.items():
+                at = self.now()  # the look starts: what it finds is so at this time or later
                 try:
                     info = describe_group(self.settings, group)
                 except StockflowError:
                     continue
                 self.samples[stage].append(
                     Sample(
-                        time.monotonic() - self.started,
+                        at,
                         info.state,
                         frozenset(m.member_id for m in info.members),
                         sum(p.owner is not None for p in info.partitions),
@@ -346,14 +347,14 @@ class GroupWatch:
             time.sleep(0.2)
         return seen
 
-    def moving(self, since: float) -> dict[str, float | None]:
+    def moving(self, since: float, owned: Mapping[str, float]) -> dict[str, float | None]:
         """Seconds from ``since`` (a kill) until every partition of each group had committed
-        past where the first look after ``since`` found it (None: one never did while it had
-        something to read). A dead member's partitions cannot move before they are owned
-        again and the dead member's open transaction is aborted; the others move at once."""
+        past where it stood when it had a live owner again (``owned``, seconds after ``since``
+        as :meth:`wait` returned them); None: one never did while it had something to read.
+        The dead member's partitions move once its open transaction is aborted."""
         found: dict[str, float | None] = {}
         for stage in self.groups:
-            after = [x for x in self.samples[stage] if x.at > since]
+            after = [x for x in self.samples[stage] if x.at >= since + owned[stage]]
             found[stage] = None
             if not after:
                 continue
@@ -361,7 +362,7 @@ class GroupWatch:
             for i, (then, _) in enumerate(after[0].progress):
                 moved = (x.at - since for x in after if x.progress[i:] and x.progress[i][0] > then)
                 idle = after[-1].progress[i : i + 1] == ((then, 0),)  # nothing came to read
-                firsts.append(next(moved, 0.0 if idle else None))
+                firsts.append(next(moved, owned[stage] if idle else None))
             if None not in firsts:
                 found[stage] = max(f for f in firsts if f is not None)
         return found
@@ -424,7 +425,7 @@ def test_workers_killed_with_sigkill_mid_stream_then_one_started(
     )
     started = time.monotonic()
     events: list[str] = []
-    kills: list[float] = []
+    kills: list[tuple[float, dict[str, float]]] = []
     try:
         with GroupWatch(s, started) as watch:
             watch.wait(3, since=0)
@@ -434,7 +435,7 @@ def test_workers_killed_with_sigkill_mid_stream_then_one_started(
             for victim, left in ((workers[0], 2), (workers[1], 1)):
                 killed = kill(victim)
                 back = watch.wait(left, since=killed)
-                kills.append(killed)
+                kills.append((killed, back))
                 events.append(f"kill -9 at {killed:.0f}s: owned again after {_seconds(back)}")
                 time.sleep(3)
             joined = watch.now()
@@ -448,7 +449,7 @@ def test_workers_killed_with_sigkill_mid_stream_then_one_started(
                 time.sleep(2)
             seconds = watch.now()
         counts = {stage: watch.counts(stage, since=begun) for stage in watch.groups}
-        moving = [watch.moving(killed) for killed in kills]
+        moving = [watch.moving(killed, back) for killed, back in kills]
         for i, moved in enumerate(moving):
             events[i] += f", moving again after {_seconds(moved)}"
     finally:
@@ -543,7 +544,7 @@ def test_a_pool_worker_killed_with_sigkill_mid_stream_is_restarted(
             seconds = watch.now()
             now = children()
         counts = {stage: watch.counts(stage, since=begun) for stage in watch.groups}
-        moving = watch.moving(killed)
+        moving = watch.moving(killed, back)
     finally:
         pool.send_signal(signal.SIGTERM)
         try:
