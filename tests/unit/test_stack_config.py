@@ -53,6 +53,8 @@ def test_server_properties_describe_one_kraft_node(tmp_path: Path) -> None:
     assert props["controller.quorum.bootstrap.servers"] == "127.0.0.1:41001"
     assert props["log.dirs"] == str(tmp_path / "kafka" / "data")
     assert props["offsets.topic.replication.factor"] == "1"
+    # a killed worker's open transaction is aborted within a second of its timeout
+    assert int(props["transaction.abort.timed.out.transaction.cleanup.interval.ms"]) <= 1000
 
 
 def test_env_lines_export_the_three_addresses(tmp_path: Path) -> None:

@@ -109,6 +109,10 @@ class KafkaNode:
             "share.coordinator.state.topic.replication.factor": str(replicas),
             "share.coordinator.state.topic.min.isr": str(min_isr),
             "group.initial.rebalance.delay.ms": "0",
+            # A crashed worker's open transaction holds its partitions' readers back until the
+            # broker aborts it: at the transaction timeout, but only on its next sweep for expired
+            # transactions (every 10 s by default), so a kill -9 stalled the applier up to 25 s.
+            "transaction.abort.timed.out.transaction.cleanup.interval.ms": "1000",
             "auto.create.topics.enable": "false",
             "num.network.threads": "2",
             "num.io.threads": "4",
