@@ -20,7 +20,8 @@ from tests.chaos.harness import run_chaos
 from tests.chaos.test_chaos import check
 
 SCALE = float(os.environ.get("STOCKFLOW_CHAOS_SCALE", "0.1"))
-pytestmark = [pytest.mark.chaos, pytest.mark.timeout(900)]
+# Short version in make test: tests/integration/test_cluster.py (a cluster of its own each).
+pytestmark = [pytest.mark.chaos, pytest.mark.full_size_only, pytest.mark.timeout(900)]
 
 
 def test_partition_leaders_killed_mid_stream_lose_nothing(tmp_path: Path) -> None:

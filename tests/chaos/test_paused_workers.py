@@ -37,7 +37,8 @@ from stockflow.stack import Stack, take_back_own
 from tests.chaos.harness import Workers, run_chaos
 
 SCALE = float(os.environ.get("STOCKFLOW_CHAOS_SCALE", "0.1"))
-pytestmark = [pytest.mark.chaos, pytest.mark.timeout(1800)]
+# Short version in make test: tests/integration/test_zombie.py (pauses here last 13-16 s each).
+pytestmark = [pytest.mark.chaos, pytest.mark.full_size_only, pytest.mark.timeout(1800)]
 
 PAUSED = Path(__file__).parents[1] / "integration" / "paused_worker.py"
 LONG = (13.0, 16.0)

@@ -393,6 +393,7 @@ def record(line: str) -> None:
         out.write(line + "\n")
 
 
+@pytest.mark.full_size_only  # short: test_chaos.py's kill -9 runs, integration/test_rebalance.py
 def test_workers_killed_with_sigkill_mid_stream_then_one_started(
     pipeline_settings: Settings, tmp_path: Path
 ) -> None:
@@ -488,6 +489,7 @@ def _seconds(by_stage: Mapping[str, float | None]) -> str:
     )
 
 
+@pytest.mark.full_size_only  # short: tests/integration/test_pool.py
 def test_a_pool_worker_killed_with_sigkill_mid_stream_is_restarted(
     pipeline_settings: Settings, tmp_path: Path
 ) -> None:

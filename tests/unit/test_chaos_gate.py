@@ -25,7 +25,8 @@ def test_a_chaos_run_where_every_scenario_skipped_fails_and_says_why(tmp_path: P
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     out = result.stdout + result.stderr
-    assert re.search(r"\b16 skipped", out) and " passed" not in out, out
+    skipped = re.search(r"\b(\d+) skipped", out)
+    assert skipped and int(skipped.group(1)) >= 18 and " passed" not in out, out  # every scenario
     assert result.returncode == 1, out
     assert "nothing was proved" in out
     assert "MONGODB_URI=mongodb://app:***@db.elsewhere:27017/ is not this local stack's" in out
