@@ -32,7 +32,7 @@ MODULE = "github.com/FerretDB/FerretDB"
 
 @cache
 def _binary_version(binary: str) -> str:
-    """``FerretDB v1.24.2, build stockflow3``: the version and patch level of a built binary."""
+    """``FerretDB v1.24.2, build stockflow4``: the version and patch level of a built binary."""
     try:
         result = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
     except OSError:
@@ -135,11 +135,11 @@ class FerretDBService(Service):
         return {"PGPASSWORD": password} if password else {}
 
     def postgresql_url(self) -> str:
-        # FerretDB v1 holds one pooled connection per statement of a write command until the
-        # command ends, and deadlocks when the pool runs dry; its default pool is 50. PostgreSQL
-        # is started with max_connections=200, so give FerretDB most of them.
-        port = self.settings.postgres_port
-        return f"postgres://postgres@127.0.0.1:{port}/ferretdb?pool_max_conns=180"
+        # Stock FerretDB v1 holds one pooled connection per statement of a write command until
+        # the command ends and deadlocks when the pool runs dry (fixed in this build by
+        # POOL_PATCHES, so the pool size only bounds concurrency now); its default pool is 50.
+        port, pool = self.settings.postgres_port, self.settings.ferretdb_pool_max_conns
+        return f"postgres://postgres@127.0.0.1:{port}/ferretdb?pool_max_conns={pool}"
 
     def probe(self) -> str | None:
         from pymongo import MongoClient
