@@ -74,6 +74,28 @@ class FerretDBService(Service):
     def data_dir(self) -> Path:
         return self.dir / "sqlite"
 
+    def running_build(self) -> str | None:
+        """The build folder (``ferretdb-<version>-<tag>``) of the FerretDB that runs, if any."""
+        record = process.read_pidfile(self.pidfile)
+        return None if record is None else Path(record.argv0).parent.name
+
+    def start(self, report: Reporter) -> tuple[str, int | None]:
+        """Start FerretDB; one that runs another build than :attr:`binary` is restarted.
+
+        A FerretDB left running across an upgrade would otherwise keep serving the older
+        patch level (say, one that deadlocks) while ``stack up`` reports it as running.
+        Clients see a short outage, as when FerretDB is stopped and started by hand.
+        """
+        running = None if self.external else self.running_build()
+        wanted = self.binary.parent.name
+        if running is None or running == wanted:
+            return super().start(report)
+        self.provision(report)  # built before the old one stops: a failed build stops nothing
+        report(f"ferretdb: {running} runs, not the configured {wanted}: restarting it")
+        self.stop()
+        _, pid = super().start(report)
+        return f"restarted (was {running})", pid
+
     def provision(self, report: Reporter) -> None:
         if self.binary.exists():
             return
