@@ -9,8 +9,9 @@ Each backend gets a fresh private instance (own port and state folder). Measured
   updates as read-modify-write, so some are lost; the count shows how many; the local
   build's compare-and-set patch loses none, ``bench/ferretdb_cas.py`` compares the builds);
 - bulk updates: one ``update`` command of N statements, for N below and above the
-  connection-pool size (FerretDB v1 keeps each statement's cursor open until the command
-  ends, so a command with more statements than the pool deadlocks the server).
+  connection-pool size (stock FerretDB v1 keeps each statement's cursor open until the
+  command ends, so a command with more statements than the pool deadlocks the server; the
+  local build's pool patch fixes that, so "server hung" here means the patch is missing).
 
 Usage: ``python bench/ferretdb_backends.py [--updates N] [--json]``.
 """
@@ -136,7 +137,7 @@ def measure(backend: FerretBackend, updates: int, port: int) -> dict[str, Any]:
             result["lost_updates_4_writers_one_product"] = f"{done - (after - before)} of {done}"
             client.close()
             for statements in (40, 200):
-                # The larger command deadlocks the server on both backends, so it goes last.
+                # The larger command deadlocked stock FerretDB on both backends: last.
                 result[f"bulk_{statements}_statements"] = (
                     "ok" if _bulk_completes(url, statements) else "server hung"
                 )

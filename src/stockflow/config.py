@@ -297,6 +297,13 @@ class Settings(BaseSettings):
         description="FerretDB storage: postgresql (a private local cluster) or sqlite.",
     )
     ferretdb_port: int = Field(default=37017, description="Local FerretDB port.")
+    ferretdb_pool_max_conns: int = Field(
+        default=180,
+        ge=2,
+        le=190,
+        description="PostgreSQL connections the local FerretDB may hold (its pool_max_conns; "
+        "the local PostgreSQL allows 200). At least 2: FerretDB's first metadata load needs two.",
+    )
     postgres_port: int = Field(
         default=35432, description="Local PostgreSQL port (postgresql backend only)."
     )

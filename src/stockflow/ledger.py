@@ -32,9 +32,10 @@ T = TypeVar("T")
 R = TypeVar("R")
 PENDING = "pending"
 CHUNK = 16
-"""Statements per update command. FerretDB v1 holds a pooled connection per statement until the
-command ends and deadlocks when the pool (50 by default, 180 as stockflow starts it, 100 with
-SQLite) runs dry across all concurrent commands: keep update commands small."""
+"""Statements per update command. Stock FerretDB v1 holds a pooled connection per statement until
+the command ends and deadlocks when the pool (50 by default, 100 with SQLite) runs dry across
+all concurrent commands: keep update commands small. (The local build is patched to hold one
+at a time, ``POOL_PATCHES``; a user's own FerretDB may not be.)"""
 INSERT_CHUNK = 500
 """Documents per insert command (FerretDB inserts a batch in one statement)."""
 DUPLICATE_KEY = 11000

@@ -19,6 +19,7 @@ from pymongo import MongoClient
 from stockflow.config import Settings
 from stockflow.stack import Stack
 from stockflow.stack.ferretdb import FerretDBService
+from stockflow.stack.ferretdb_patches import BUILD, Build
 from stockflow.stack.postgres import PostgresService, _bin_dir, legacy_data_dir
 from stockflow.stack.process import is_alive, port_open
 from stockflow.stack.redis import RedisService
@@ -221,6 +222,42 @@ def test_status_of_a_ferretdb_whose_postgresql_hangs_returns_within_seconds(
         postgres.stop()
         if postgres.location_file.exists():
             shutil.rmtree(postgres.data_dir.parent, ignore_errors=True)
+
+
+def test_up_restarts_a_ferretdb_that_runs_another_build(tmp_path: Path) -> None:
+    """A FerretDB left running from an older patch level (one that deadlocks, say) is replaced
+    by the configured build when the stack is brought up; one of the configured build is left
+    alone. Before: 'already running', and the older build kept serving."""
+    configured = FerretDBService(Settings(state_dir=tmp_path / "probe"))
+    configured.provision(lambda _: None)  # built by `stack up` already, normally
+    cache = tmp_path / "cache"
+    version = configured.settings.ferretdb_version
+    for tag in ("stockflow0", BUILD.tag):  # two build folders, the same binary in both
+        folder = cache / f"ferretdb-{version}-{tag}"
+        folder.mkdir(parents=True)
+        (folder / "ferretdb").symlink_to(configured.binary)
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        cache_dir=cache,
+        ferretdb_port=_free_ports(1)[0],
+        ferretdb_backend="sqlite",
+    )
+    older, ferretdb = FerretDBService(settings, Build("stockflow0", ())), FerretDBService(settings)
+    try:
+        _, old_pid = older.start(lambda _: None)
+        older.wait_ready(old_pid)
+        said: list[str] = []
+
+        action, pid = ferretdb.start(said.append)
+
+        assert action == f"restarted (was ferretdb-{version}-stockflow0)"
+        assert any("restarting it" in line for line in said), said
+        assert old_pid is not None and not is_alive(old_pid)
+        assert f"build {BUILD.tag}" in ferretdb.wait_ready(pid)
+        assert ferretdb.running_build() == f"ferretdb-{version}-{BUILD.tag}"
+        assert ferretdb.start(lambda _: None) == ("already running", pid)
+    finally:
+        ferretdb.stop()
 
 
 def test_postgres_has_a_password_and_private_data_and_older_clusters_are_migrated(

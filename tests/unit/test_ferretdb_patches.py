@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import stat
 import subprocess
@@ -12,7 +13,16 @@ import pytest
 from stockflow.config import Settings
 from stockflow.errors import ProvisionError
 from stockflow.stack.ferretdb import MODULE, _binary_version
-from stockflow.stack.ferretdb_patches import BUILD, CAS_PATCHES, WITHOUT_CAS, apply_patches
+from stockflow.stack.ferretdb_patches import (
+    BUILD,
+    CAS_PATCHES,
+    POOL_PATCHES,
+    SPEED_PATCHES,
+    WITHOUT_CAS,
+    WITHOUT_POOL_FIX,
+    Build,
+    apply_patches,
+)
 
 
 def _module_source(version: str) -> Path | None:
@@ -46,10 +56,59 @@ def test_every_patch_applies_once_to_the_pinned_version(tmp_path: Path) -> None:
         apply_patches(copy, CAS_PATCHES)  # already applied: the anchors are gone
 
 
-def test_the_compare_and_set_build_has_its_own_cache_folder() -> None:
-    assert BUILD.tag != WITHOUT_CAS.tag
-    assert set(WITHOUT_CAS.patches) < set(BUILD.patches)
-    assert set(CAS_PATCHES) <= set(BUILD.patches)
+def _patched_files(source: Path, target: Path, build: Build) -> Path:
+    """A writable copy of only the files ``build`` patches, with the patches applied."""
+    for path in {patch.path for patch in build.patches}:
+        (target / path).parent.mkdir(parents=True, exist_ok=True)
+        (target / path).write_text((source / path).read_text())
+    apply_patches(target, build.patches)
+    return target
+
+
+@pytest.mark.parametrize("build", [BUILD, WITHOUT_CAS, WITHOUT_POOL_FIX], ids=lambda b: b.tag)
+def test_every_build_applies_to_the_pinned_version(tmp_path: Path, build: Build) -> None:
+    source = _module_source(Settings().ferretdb_version)
+    if source is None:
+        pytest.skip("FerretDB's module source is not in the Go module cache (no build yet)")
+    _patched_files(source, tmp_path, build)
+
+
+def test_no_update_holds_a_query_open_while_it_writes(tmp_path: Path) -> None:
+    """The deadlock fix in place, with the compare-and-set patch over it: each statement's
+    query is read and closed before the first write or re-read, and closed per statement."""
+    source = _module_source(Settings().ferretdb_version)
+    if source is None:
+        pytest.skip("FerretDB's module source is not in the Go module cache (no build yet)")
+    handler = _patched_files(source, tmp_path, BUILD) / "internal/handler"
+
+    update = (handler / "common/update.go").read_text()
+    body = update[update.index("func UpdateDocument(") :]
+    consumed = body.index("iterator.ConsumeValues(iter)")
+    assert consumed < body.index("c.UpdateAll(") and consumed < body.index("c.InsertAll(")
+    assert consumed < body.index("refetchForUpdate(ctx, c,")
+
+    statements = (handler / "msg_update.go").read_text()
+    loop = statements[statements.index("for _, u := range params.Updates {") :]
+    loop = loop[: loop.index("return matched, modified, &upserted, nil")]
+    assert not re.search(r"^\s*defer ", loop, re.MULTILINE)
+    assert loop.index("closer.Close()") > loop.index("common.UpdateDocument(")
+
+    find_and_modify = (handler / "msg_findandmodify.go").read_text()
+    assert find_and_modify.index("iter.Close()") < find_and_modify.index("c.DeleteAll(")
+    update_user = (handler / "msg_updateuser.go").read_text()
+    assert update_user.index("qr.Iter.Close()") < update_user.index("usersCol.UpdateAll(")
+
+
+def test_each_build_has_its_own_cache_folder_and_differs_by_one_patch_set() -> None:
+    """``WITHOUT_CAS`` is the local build minus the compare-and-set patch only (the benchmark
+    of its cost compares the two), ``WITHOUT_POOL_FIX`` the local build minus the deadlock
+    fix only (the deadlock test runs it)."""
+    assert len({BUILD.tag, WITHOUT_CAS.tag, WITHOUT_POOL_FIX.tag}) == 3
+    assert all("-" not in b.tag for b in (BUILD, WITHOUT_CAS, WITHOUT_POOL_FIX))
+    assert set(BUILD.patches) - set(WITHOUT_CAS.patches) == set(CAS_PATCHES)
+    assert set(BUILD.patches) - set(WITHOUT_POOL_FIX.patches) == set(POOL_PATCHES)
+    assert set(BUILD.patches) == set(SPEED_PATCHES + POOL_PATCHES + CAS_PATCHES)
+    assert BUILD.patches.index(SPEED_PATCHES[-1]) < BUILD.patches.index(CAS_PATCHES[0])
 
 
 def test_version_of_a_build_not_on_disk_does_not_raise(tmp_path: Path) -> None:

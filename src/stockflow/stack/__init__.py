@@ -88,7 +88,7 @@ class Stack:
                     service.wait_ready(pid)
                 started.append((service, action, pid))
             for service, action, _ in started:
-                if action == "started" and not service.dependency:
+                if action.startswith(("started", "restarted")) and not service.dependency:
                     report(f"{service.name}: waiting until it answers")
             with ThreadPoolExecutor(len(self.services)) as pool:
                 versions = [pool.submit(s.wait_ready, pid) for s, _, pid in started]

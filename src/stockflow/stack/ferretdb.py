@@ -32,7 +32,7 @@ MODULE = "github.com/FerretDB/FerretDB"
 
 @cache
 def _binary_version(binary: str) -> str:
-    """``FerretDB v1.24.2, build stockflow3``: the version and patch level of a built binary."""
+    """``FerretDB v1.24.2, build stockflow4``: the version and patch level of a built binary."""
     try:
         result = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
     except OSError:
@@ -73,6 +73,28 @@ class FerretDBService(Service):
     @property
     def data_dir(self) -> Path:
         return self.dir / "sqlite"
+
+    def running_build(self) -> str | None:
+        """The build folder (``ferretdb-<version>-<tag>``) of the FerretDB that runs, if any."""
+        record = process.read_pidfile(self.pidfile)
+        return None if record is None else Path(record.argv0).parent.name
+
+    def start(self, report: Reporter) -> tuple[str, int | None]:
+        """Start FerretDB; one that runs another build than :attr:`binary` is restarted.
+
+        A FerretDB left running across an upgrade would otherwise keep serving the older
+        patch level (say, one that deadlocks) while ``stack up`` reports it as running.
+        Clients see a short outage, as when FerretDB is stopped and started by hand.
+        """
+        running = None if self.external else self.running_build()
+        wanted = self.binary.parent.name
+        if running is None or running == wanted:
+            return super().start(report)
+        self.provision(report)  # built before the old one stops: a failed build stops nothing
+        report(f"ferretdb: {running} runs, not the configured {wanted}: restarting it")
+        self.stop()
+        _, pid = super().start(report)
+        return f"restarted (was {running})", pid
 
     def provision(self, report: Reporter) -> None:
         if self.binary.exists():
@@ -135,11 +157,11 @@ class FerretDBService(Service):
         return {"PGPASSWORD": password} if password else {}
 
     def postgresql_url(self) -> str:
-        # FerretDB v1 holds one pooled connection per statement of a write command until the
-        # command ends, and deadlocks when the pool runs dry; its default pool is 50. PostgreSQL
-        # is started with max_connections=200, so give FerretDB most of them.
-        port = self.settings.postgres_port
-        return f"postgres://postgres@127.0.0.1:{port}/ferretdb?pool_max_conns=180"
+        # Stock FerretDB v1 holds one pooled connection per statement of a write command until
+        # the command ends and deadlocks when the pool runs dry (fixed in this build by
+        # POOL_PATCHES, so the pool size only bounds concurrency now); its default pool is 50.
+        port, pool = self.settings.postgres_port, self.settings.ferretdb_pool_max_conns
+        return f"postgres://postgres@127.0.0.1:{port}/ferretdb?pool_max_conns={pool}"
 
     def probe(self) -> str | None:
         from pymongo import MongoClient

@@ -14,13 +14,19 @@ Three small patches speed FerretDB up without changing any result (:data:`SPEED_
 - Leak tracking of cursors and iterators (a stack trace recorded for each, a panic of the whole
   server for one not closed) is off: it took a tenth of the server's CPU under load.
 
+One patch fixes a deadlock (:data:`POOL_PATCHES`, reasoning at its definition): a write
+command no longer holds one pooled PostgreSQL connection while it waits for another, so
+concurrent multi-statement updates cannot exhaust the pool and wait on each other for ever.
+
 One patch changes a result, to MongoDB's (:data:`CAS_PATCHES`, reasoning at its definition):
 an update whose document was changed by another writer between FerretDB's read and its write
 no longer overwrites that change; the document is read again and updated only if it still
 matches the filter, so a compare-and-set fences a stale writer and ``$inc`` loses nothing.
 
-:data:`BUILD` is what the local stack runs; :data:`WITHOUT_CAS` is the build before the
-compare-and-set patch, kept for the side-by-side benchmark. Each names its cache folder.
+:data:`BUILD` is what the local stack runs; :data:`WITHOUT_CAS` is the same build without the
+compare-and-set patch, kept for the side-by-side benchmark; :data:`WITHOUT_POOL_FIX` is the
+build before the deadlock fix, which the deadlock test runs when it is in the cache. Each
+names its cache folder.
 """
 
 from __future__ import annotations
@@ -100,6 +106,120 @@ _RETURN = """\
 	// of the server's CPU under load) and panics the whole server if one is not closed.
 	return
 """
+
+# stockflow: a write command holds at most one pooled connection at a time.
+#
+# FerretDB's PostgreSQL backend reads a query's rows from a pooled connection (pgx), which
+# goes back to the pool only when the rows have been read to the end or closed. Its `update`
+# handler (handler/msg_update.go, updateDocument) runs each statement of the command as a
+# query, then common.UpdateDocument writes each matching document with UpdateAll, which takes
+# another pooled connection, while the query is still open: a statement with `multi: false`
+# reads one row through LimitIterator(1) and never reaches the end of the rows, and the
+# query's closer is deferred inside the statement loop, so it is closed only when the whole
+# command returns. A command of 16 statements therefore holds up to 16 connections and needs
+# one more for each write (stockflow's compare-and-set re-read, refetchForUpdate, is one more
+# nested query). When concurrent commands together hold every connection of the pool
+# (pool_max_conns), each waits in pgxpool.Acquire for a connection another holds: a deadlock,
+# and a permanent one, as the command's context is cancelled only when its client connection
+# is closed, which FerretDB notices only between commands. Seen on the local stack with
+# pool_max_conns=180: all 180 PostgreSQL connections idle, waiting for FerretDB (ClientRead),
+# 254 goroutines in Acquire under updateDocument, every client waiting. The same nesting, one
+# connection deep, is in findAndModify (its query stays open through UpdateDocument or, with
+# `remove`, through DeleteAll) and in updateUser (query open through UpdateAll); `delete`
+# already does it right ("close read transaction before starting write transaction",
+# msg_delete.go), and every other handler reads its query to the end before it writes.
+#
+# The patch:
+# 1. UpdateDocument first reads every document the statement updates (up to its limit:
+#    one without `multi`, as before) and closes the query, releasing its connection, then
+#    updates from that slice (iterator.ConsumeValues and ForSlice, as FerretDB's own
+#    SortIterator does). Covers `update`, findAndModify's update and the compare-and-set's
+#    re-read, which now runs with no other connection held.
+# 2. updateDocument closes each statement's query when the statement is done instead of
+#    deferring it to the end of the command (no `defer` in the loop).
+# 3. findAndModify with `remove` and updateUser close their query before they write.
+# So a command holds at most one pooled connection at any moment and never waits for a second
+# while holding one: on any pool (of 2 or more, below), commands queue for it and all complete.
+#
+# Why it is safe: the documents and their order are exactly those of before. A query's rows
+# come from one PostgreSQL statement, whose snapshot is taken when it starts; reading them all
+# first or one by one between the writes yields the same rows (the writes go through other
+# connections in both cases and are not seen by it). Closing an iterator twice is allowed
+# (the callers' closers close it again; every FerretDB iterator's Close is idempotent), and a
+# panic inside ConsumeValues still closes the query (it defers the close).
+# Cost: a `multi: true` statement holds all its matching documents in memory at once instead
+# of one at a time (stockflow's statements match one document each). Still needed: a pool of
+# at least 2 connections (FerretDB's first metadata load, initDBs, runs a query per row of
+# another).
+
+_CONSUME_FIRST_AT = """\
+	result := new(UpdateResult)
+"""
+
+_CONSUME_FIRST = """\
+	result := new(UpdateResult)
+
+	// stockflow: read every document this statement updates (up to its limit) and close iter
+	// now, releasing the pooled connection its query holds: every write below takes one of its
+	// own, and waiting for it while holding this one deadlocks once the pool is exhausted.
+	docs, err := iterator.ConsumeValues(iter)
+	if err != nil {
+		return nil, lazyerrors.Error(err)
+	}
+
+	iter = iterator.Values(iterator.ForSlice(docs))
+	defer iter.Close()
+"""
+
+_DEFER_IN_LOOP = """\
+		closer := iterator.NewMultiCloser()
+		defer closer.Close()
+"""
+
+_NO_DEFER_IN_LOOP = """\
+		closer := iterator.NewMultiCloser()
+"""
+
+_STATEMENT_DONE_AT = """\
+		result, err := common.UpdateDocument(ctx, c, "update", iter, &u)
+"""
+
+_STATEMENT_DONE = (
+    _STATEMENT_DONE_AT
+    + """
+		// stockflow: this statement's query is done: close it now, not when the whole command
+		// returns (a deferred close here kept one connection per statement until then).
+		closer.Close()
+
+"""
+)
+
+_REMOVE_NEXT = """\
+		_, doc, err = iter.Next()
+"""
+
+_REMOVE_NEXT_CLOSED = (
+    _REMOVE_NEXT
+    + """
+		// stockflow: release the query's pooled connection before DeleteAll takes another.
+		iter.Close()
+
+"""
+)
+
+_UPDATE_USER_WRITE = """\
+	_, err = usersCol.UpdateAll(connCtx, &backends.UpdateAllParams{Docs: []*types.Document{saved}})
+"""
+
+_UPDATE_USER_WRITE_CLOSED = (
+    """\
+	// stockflow: release the query's pooled connection before UpdateAll takes another.
+	qr.Iter.Close()
+
+"""
+    + _UPDATE_USER_WRITE
+)
+
 
 # stockflow: a compare-and-set that holds on FerretDB too.
 #
@@ -409,6 +529,17 @@ SPEED_PATCHES = (
 )
 """Faster, same results."""
 
+POOL_PATCHES = (
+    Patch("internal/handler/common/update.go", _CONSUME_FIRST_AT, _CONSUME_FIRST),
+    Patch("internal/handler/msg_update.go", _DEFER_IN_LOOP, _NO_DEFER_IN_LOOP),
+    Patch("internal/handler/msg_update.go", _STATEMENT_DONE_AT, _STATEMENT_DONE),
+    Patch("internal/handler/msg_findandmodify.go", _REMOVE_NEXT, _REMOVE_NEXT_CLOSED),
+    Patch("internal/handler/msg_updateuser.go", _UPDATE_USER_WRITE, _UPDATE_USER_WRITE_CLOSED),
+)
+"""No pooled connection held while another is acquired: the deadlock fix above.
+
+Independent of the other patches (its anchors are code none of them changes)."""
+
 CAS_PATCHES = (
     Patch("internal/backends/collection.go", _PARAMS, _PARAMS_CAS),
     Patch("internal/handler/common/update.go", _LOOP_HEAD, _LOOP_HEAD_CAS),
@@ -432,11 +563,16 @@ class Build:
     patches: tuple[Patch, ...]
 
 
-BUILD = Build("stockflow3", SPEED_PATCHES + CAS_PATCHES)
-"""What the local stack runs; a changed patch needs a new tag, so cached builds are not reused."""
+BUILD = Build("stockflow4", SPEED_PATCHES + POOL_PATCHES + CAS_PATCHES)
+"""What the local stack runs; a changed patch needs a new tag, so cached builds are not reused.
 
-WITHOUT_CAS = Build("stockflow2", SPEED_PATCHES)
-"""The build before the compare-and-set patch, for the side-by-side benchmark."""
+A tag has no ``-`` in it: the cache folder is ``ferretdb-<version>-<tag>``."""
+
+WITHOUT_CAS = Build("stockflow4nocas", SPEED_PATCHES + POOL_PATCHES)
+""":data:`BUILD` without the compare-and-set patch, for the side-by-side benchmark of its cost."""
+
+WITHOUT_POOL_FIX = Build("stockflow3", SPEED_PATCHES + CAS_PATCHES)
+"""The build before the deadlock fix (the local stack's until then), to show the deadlock."""
 
 
 def apply_patches(source: Path, patches: tuple[Patch, ...] = BUILD.patches) -> None:
