@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv system-deps demo test test-fast chaos bench lint format up down status clean
+.PHONY: help venv system-deps demo test test-fast chaos bench bench-scale lint format up down status clean
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,6 +40,10 @@ chaos: $(STAMP) system-deps ## Chaos scenarios at full size (STOCKFLOW_CHAOS_SCA
 bench: $(STAMP) system-deps ## The benchmark: seed's design vs stockflow vs ceilings (~15 min); writes bench/results and docs/performance.md
 	$(BIN)/stockflow stack up
 	$(BIN)/python -m bench.run --write-docs $(BENCH_ARGS)
+
+bench-scale: $(STAMP) system-deps ## 1-3 worker processes, one broker vs three (~10 min); writes bench/results/scaling.json and docs/scaling.md
+	$(BIN)/stockflow stack up
+	$(BIN)/python -m bench.scaling --write-docs $(BENCH_ARGS)
 
 test-fast: $(STAMP) ## Unit tests only (no services)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

@@ -1,4 +1,5 @@
-"""The benchmark's chart (PNG) and its table in docs/performance.md."""
+"""The benchmarks' reports: the chart (PNG) and tables of docs/performance.md, and the
+generated figures of docs/scaling.md."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any
 
 START = "<!-- bench:start (written by `make bench`; edit around it) -->"
 END = "<!-- bench:end -->"
+SCALING_START = "<!-- scaling:start (written by `make bench-scale`; edit around it) -->"
+SCALING_END = "<!-- scaling:end -->"
 
 
 def chart(results: dict[str, Any], path: Path) -> None:
@@ -147,7 +150,140 @@ def table(results: dict[str, Any]) -> str:
 
 def docs_table(results: dict[str, Any], path: Path) -> None:
     """Replace the figures between the markers in ``path`` (the rest is prose)."""
-    text = path.read_text() if path.exists() else f"# Performance\n\n{START}\n{END}\n"
-    head, _, rest = text.partition(START)
-    _, _, tail = rest.partition(END)
-    path.write_text(f"{head}{START}\n{table(results)}\n{END}{tail}")
+    write_between(path, START, END, table(results), title="# Performance")
+
+
+def scaling_docs(results: dict[str, Any], path: Path) -> None:
+    """Replace the generated figures between the scaling markers in ``path``."""
+    write_between(path, SCALING_START, SCALING_END, scaling_table(results), title="# Scaling out")
+
+
+def write_between(path: Path, start: str, end: str, body: str, *, title: str) -> None:
+    """Put ``body`` between the ``start`` and ``end`` marker lines of ``path``; a file without
+    them gets them at its end (a missing file: a ``title`` line, then the markers)."""
+    text = path.read_text() if path.exists() else f"{title}\n"
+    if start not in text:
+        text = f"{text.rstrip()}\n\n{start}\n{end}\n"
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    path.write_text(f"{head}{start}\n{body}\n{end}{tail}")
+
+
+SCALING_PROCESSES = {
+    "supervisor": "supervisor",
+    "kafka": "Kafka",
+    "ferretdb": "FerretDB",
+    "postgres": "PostgreSQL",
+    "redis": "Redis",
+    "reader": "outcome reader",
+    "other": "other",
+}
+
+
+def _kafka_total(values: dict[str, float]) -> float:
+    return sum(v for k, v in values.items() if k == "kafka" or k.startswith("kafka-"))
+
+
+def _workers_total(values: dict[str, float]) -> float:
+    return sum(v for k, v in values.items() if k.startswith("worker"))
+
+
+def _workers_cell(r: dict[str, Any]) -> str:
+    """The workers' CPU ms per order and cores, each worker's ms after an equals sign."""
+    ms, cores = r["cpu_ms_per_order"], r["cores_busy"]
+    cell = f"{_workers_total(ms):.3f} ({_workers_total(cores):.2f})"
+    each = [v for k, v in sorted(ms.items()) if k.startswith("worker")]
+    return cell if len(each) < 2 else f"{cell} = {' + '.join(f'{v:.3f}' for v in each)}"
+
+
+def _cell(r: dict[str, Any], key: str) -> str:
+    """CPU ms per order and, in brackets, cores busy over the run."""
+    ms, cores = r["cpu_ms_per_order"], r["cores_busy"]
+    if key == "kafka":
+        return f"{_kafka_total(ms):.3f} ({_kafka_total(cores):.2f})"
+    if key not in ms:
+        return "-"
+    return f"{ms[key]:.3f} ({cores[key]:.2f})"
+
+
+def _busiest(r: dict[str, Any]) -> str:
+    cores = dict(r["cores_busy"])
+    kafka = _kafka_total(cores)
+    cores = {k: v for k, v in cores.items() if not k.startswith("kafka")}
+    if kafka:
+        cores["kafka"] = kafka
+    top = sorted(cores.items(), key=lambda kv: -kv[1])[:3]
+    return ", ".join(f"{SCALING_PROCESSES.get(k, k)} {v:.2f}" for k, v in top)
+
+
+def scaling_table(results: dict[str, Any]) -> str:
+    """The figures of ``bench.scaling``: throughput and CPU per process by worker count on
+    one broker, then one broker against three."""
+    m, w = results["machine"], results["workload"]
+    cores = m["cores"]
+    runs = results["runs"]
+    lines = [
+        f"Measured on {cores} cores ({m['cpu']}), {m['memory_gib']} GiB, {m['system']}, "
+        f"Python {m['python']}{' (quick run: figures not meaningful)' if results['quick'] else ''}"
+        f". Workload: {w['orders']:,} orders over {w['products']:,} products, Zipf "
+        f"(s = {w['zipf_s']}); {w['input_partitions']} input partitions, "
+        f"{w['commands_partitions']} commands (and outcomes) partitions. Kafka: private, "
+        f"{results['kafka_heap']} heap per node. Whole run: {results['seconds']} s.",
+        "",
+        f"CPU milliseconds per order of each process (in brackets: cores busy over the run, "
+        f"of {cores}); *other* is the rest of the machine's busy time.",
+        "",
+        "| worker processes (MongoDB commands side by side, each) | orders/s "
+        "| from start | vs 1 worker | machine busy (cores) | busiest (cores) | workers | "
+        + " | ".join(SCALING_PROCESSES.values())
+        + " | audit |",
+        "|---|---:|---:|---:|---:|---|---:|" + "---:|" * len(SCALING_PROCESSES) + "---:|",
+    ]
+    one = [r for r in runs if r["brokers"] == 1]
+    first = next((r for r in one if r["workers"] == 1), None)
+    for r in sorted(one, key=lambda r: r["workers"]):
+        ratio = f"{r['orders_per_s'] / first['orders_per_s']:.2f}x" if first else "-"
+        workers = _workers_cell(r)
+        cells = " | ".join(_cell(r, key) for key in SCALING_PROCESSES)
+        lines.append(
+            f"| {r['workers']} ({r.get('mongodb_concurrency', '-')}) "
+            f"| {_n(r['orders_per_s'])} | {_n(r.get('orders_per_s_from_start'))} | {ratio} "
+            f"| {r['machine_cores_busy']:.2f} of {cores} | {_busiest(r)} | {workers} | {cells} "
+            f"| {r['audit_discrepancies']} |"
+        )
+    three = [r for r in runs if r["brokers"] == 3]
+    if three:
+        lines += [
+            "",
+            "| brokers | copies / min in sync | workers | orders/s | vs 1 broker "
+            "| Kafka (each broker) | FerretDB | PostgreSQL | workers | all processes "
+            "| machine busy (cores) | audit |",
+            "|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        pairs = [r for r in one if r["workers"] == three[0]["workers"]] + three
+        for r in pairs:
+            ms = r["cpu_ms_per_order"]
+            brokers = sorted((k, v) for k, v in ms.items() if k.startswith("kafka"))
+            each = " + ".join(f"{v:.3f}" for _, v in brokers)
+            kafka = f"{_kafka_total(ms):.3f}" + (f" ({each})" if len(brokers) > 1 else "")
+            measured = sum(v for k, v in ms.items() if k != "other")
+            ratio = f"{r['orders_per_s'] / pairs[0]['orders_per_s']:.2f}x"
+            lines.append(
+                f"| {r['brokers']} | {r['replication_factor']} / {r['min_insync_replicas']} "
+                f"| {r['workers']} | {_n(r['orders_per_s'])} | {ratio} | {kafka} "
+                f"| {ms.get('ferretdb', 0):.3f} | {ms.get('postgres', 0):.3f} "
+                f"| {_workers_total(ms):.3f} | {measured:.3f} "
+                f"| {r['machine_cores_busy']:.2f} of {cores} | {r['audit_discrepancies']} |"
+            )
+    brokers = results["brokers"]
+    lines += [
+        "",
+        "Private Kafka: "
+        + "; ".join(
+            f"{n} broker(s) up in {b['start_seconds']} s, resident after the runs "
+            + ", ".join(f"{v} MiB" for v in b.get("rss_mb_after", {}).values())
+            for n, b in brokers.items()
+        )
+        + ".",
+    ]
+    return "\n".join(lines)

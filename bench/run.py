@@ -23,9 +23,6 @@ import argparse
 import json
 import logging
 import os
-import platform
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,15 +36,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bench import ceilings
 from bench.baseline import run_baseline
-from bench.measure import Sampler, percentile, watch_outcomes
+from bench.consumer import StockflowProcess, consume_all, delete_run_topics
+from bench.measure import Sampler, machine, percentile, watch_outcomes
 from bench.workload import Workload, drop, isolated, preload, seed_products
 from stockflow.audit import run_audit
 from stockflow.config import Settings, load_settings
 from stockflow.pipeline import open_pipeline
 from stockflow.producer import OrderProducer
 from stockflow.stack import Stack
-from stockflow.topics import create_topic, delete_topics
-from stockflow.worker import ensure_topics
+from stockflow.topics import create_topic
 
 ROOT = Path(__file__).resolve().parent.parent
 WARMUP_SECONDS = 2.0
@@ -59,73 +56,30 @@ console = Console(stderr=True)
 # --- contestants ---------------------------------------------------------------------------
 
 
-def worker_env(s: Settings) -> dict[str, str]:
-    return {**os.environ, **s.worker_environment()}
-
-
-class StockflowProcess:
-    """``stockflow consume`` (one worker, as users run it) with its CPU and memory sampled."""
-
-    def __init__(self, s: Settings, stats_file: Path) -> None:
-        ensure_topics(s)
-        self.stats_file = stats_file
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stockflow", "consume", "--quiet", "--no-supervise",
-             "--stats-file", str(stats_file)],
-            env=worker_env(s),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )  # fmt: skip
-        self.sampler = Sampler(self.proc.pid)
-
-    def failed(self) -> str | None:
-        """Why the worker is gone, if it exited (the benchmark then stops waiting for it)."""
-        code = self.proc.poll()
-        if code is None:
-            return None
-        stderr = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-        return f"stockflow consume exited with status {code}:\n{stderr[-2000:]}"
-
-    def stop(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Stop it (SIGTERM); its resource usage and the timings it wrote at exit."""
-        usage = self.sampler.stop()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            _, stderr = self.proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, stderr = self.proc.communicate()
-        if self.proc.returncode != 0:
-            raise RuntimeError(f"stockflow consume failed:\n{stderr.decode()[-2000:]}")
-        stats = json.loads(self.stats_file.read_text()) if self.stats_file.exists() else {}
-        return vars(usage), stats
-
-
 def measure_stockflow(
     s: Settings, expected: int, progress: Callable[[int], None], tmp: Path
 ) -> dict[str, Any]:
-    worker = StockflowProcess(s, tmp / f"{s.group_id}.json")
-    try:
-        watch = watch_outcomes(
-            s, expected, timeout=1800, on_progress=progress, failed=worker.failed
-        )
-    finally:
-        usage, stats = worker.stop()
-    with open_pipeline(s) as pipeline:
-        report = run_audit(s, pipeline)
+    run = consume_all(
+        s,
+        expected,
+        progress=progress,
+        log=tmp / f"{s.group_id}.log",
+        stats_file=tmp / f"{s.group_id}.json",
+    )
+    usage = run.usage
     return {
-        "orders_per_s": round(watch.orders_per_s, 1),
-        "outcomes": watch.count,
-        "statuses": watch.statuses,
-        "cpu_s_per_1000": round(usage["cpu_s"] / expected * 1000, 3),
+        "orders_per_s": round(run.watch.orders_per_s, 1),
+        "outcomes": run.watch.count,
+        "statuses": run.watch.statuses,
+        "cpu_s_per_1000": round(usage.cpu_s / expected * 1000, 3),
         "servers_cpu_s_per_1000": {
-            k: round(v / expected * 1000, 3) for k, v in usage["servers_cpu_s"].items()
+            k: round(v / expected * 1000, 3) for k, v in usage.servers_cpu_s.items()
         },
-        "peak_rss_mb": round(usage["peak_rss_mb"], 1),
-        "rss_quartiles_mb": _quartiles(usage["rss_samples_mb"]),
-        "audit_discrepancies": report.discrepancies,
-        "audit_messages_checked": report.messages_checked,
-        "applier_seconds": stats.get("applier_seconds", {}),
+        "peak_rss_mb": round(usage.peak_rss_mb, 1),
+        "rss_quartiles_mb": _quartiles(usage.rss_samples_mb),
+        "audit_discrepancies": run.report.discrepancies,
+        "audit_messages_checked": run.report.messages_checked,
+        "applier_seconds": run.stats.get("applier_seconds", {}),
     }
 
 
@@ -167,7 +121,7 @@ class Bench:
         self.quick = quick
         self.out = out
         self.tmp = Path(tempfile.mkdtemp(prefix="stockflow-bench-"))
-        """Workers' --stats-file outputs."""
+        """Workers' --stats-file outputs and logs."""
         self.progress = Progress(
             TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), console=console, transient=False,
@@ -223,7 +177,7 @@ class Bench:
         finally:
             for s in runs:
                 drop(s)
-            _delete_topics(topic)
+            delete_run_topics(topic)
         self._say(label, result)
         return result
 
@@ -240,7 +194,9 @@ class Bench:
         s = isolated(self.base, f"lat{int(rate)}")
         create_topic(s, s.topic, partitions=6)
         seed_products(s, products)
-        worker = StockflowProcess(s, self.tmp / f"{s.group_id}.json")
+        worker = StockflowProcess(
+            s, log=self.tmp / f"{s.group_id}.log", stats_file=self.tmp / f"{s.group_id}.json"
+        )
         try:
             warmup = int(rate * WARMUP_SECONDS)
             workload = Workload("lat", int(rate * seconds) + 1 + warmup, products, seed=int(rate))
@@ -283,7 +239,7 @@ class Bench:
         with open_pipeline(s) as pipeline:
             report = run_audit(s, pipeline)
         drop(s)
-        _delete_topics(s)
+        delete_run_topics(s)
         result = {
             "offered_per_s": round(offered, 1),
             "orders": len(sent),
@@ -294,12 +250,12 @@ class Bench:
             "max_ms": round(max(latencies, default=0.0), 1),
             "until_durable_ms": {f"p{q}": round(percentile(durable, q), 1) for q in (50, 99)},
             "durable_to_seen_ms": {f"p{q}": round(percentile(seen, q), 1) for q in (50, 99)},
-            "peak_rss_mb": round(usage["peak_rss_mb"], 1),
+            "peak_rss_mb": round(usage.peak_rss_mb, 1),
             "audit_discrepancies": report.discrepancies,
             "stages": _stages(stats),
             "cpu_ms_per_order": {
-                "stockflow": round(usage["cpu_s"] / len(orders) * 1000, 3),
-                **{k: round(v / len(orders) * 1000, 3) for k, v in usage["servers_cpu_s"].items()},
+                "stockflow": round(usage.cpu_s / len(orders) * 1000, 3),
+                **{k: round(v / len(orders) * 1000, 3) for k, v in usage.servers_cpu_s.items()},
             },
         }
         self._say(f"latency at {rate:.0f}/s", result)
@@ -327,33 +283,6 @@ def _stages(stats: dict[str, Any]) -> dict[str, Any]:
             "ms_per_batch": {k: round(v / batches * 1000, 2) for k, v in steps.items()},
         }
     return stages
-
-
-def _delete_topics(s: Settings) -> None:
-    names = [s.topic, s.commands_topic, s.outcomes_topic, s.dlq_topic]
-    try:
-        delete_topics(s, names)
-    except Exception as exc:  # deleting is tidying up, never a failed benchmark
-        console.print(f"[yellow]could not delete {names}: {exc}[/yellow]")
-
-
-def machine() -> dict[str, Any]:
-    model = "unknown"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    import psutil
-
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "python": platform.python_version(),
-        "system": f"{platform.system()} {platform.release()}",
-    }
 
 
 def run(quick: bool, out: Path) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,102 +22,29 @@ from confluent_kafka import KafkaException, TopicCollection
 
 from stockflow.config import Settings
 from stockflow.stack import Stack
-from stockflow.stack.kafka import KafkaService, kafka_nodes
-from stockflow.stack.process import is_alive, port_open
+from stockflow.testing import PrivateKafka, private_kafka
 from stockflow.topics import TopicDescription, admin_client, describe_topic
 from tests.chaos.harness import Workers
 
 BROKERS = 3
 
-
-def free_port_block(size: int) -> int:
-    """The first of ``size`` consecutive ports nothing listens on or is bound to now."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20_000, 30_000)
-        sockets: list[socket.socket] = []
-        try:
-            for port in range(base, base + size):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError(f"no {size} consecutive free ports found")
-
-
-@dataclass
-class Cluster:
-    """A running private cluster: its settings and how long it took to come up."""
-
-    settings: Settings
-    start_seconds: float
-    ports: list[int] = field(default_factory=list)
-
-    def service(self, node_id: int) -> KafkaService:
-        return KafkaService(self.settings, kafka_nodes(self.settings)[node_id - 1])
-
-    def rss_mb(self) -> dict[int, int]:
-        """Resident memory of each live broker, in MiB."""
-        found = {}
-        for node in kafka_nodes(self.settings):
-            pid = self.service(node.node_id).running_pid()
-            if pid is None:
-                continue
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    found[node.node_id] = int(line.split()[1]) // 1024
-        return found
+Cluster = PrivateKafka
 
 
 @contextmanager
 def private_cluster(stack_settings: Settings, tmp_path: Path) -> Iterator[Cluster]:
-    """Bring up three brokers of a state folder under ``tmp_path``; always bring them down."""
-    for name in ("KAFKA_BOOTSTRAP_SERVERS",):
-        if os.environ.get(name):
-            pytest.skip(f"{name} is set: a private cluster needs the local Kafka")
-    base = free_port_block(2 * BROKERS)
-    env = {
-        "STOCKFLOW_STATE_DIR": str(tmp_path / "cluster"),
-        "STOCKFLOW_KAFKA_BROKERS": str(BROKERS),
-        "STOCKFLOW_KAFKA_PORT": str(base),
-        "STOCKFLOW_KAFKA_CONTROLLER_PORT": str(base + 1),
-        "MONGODB_URI": stack_settings.mongodb_url,
-        "REDIS_URL": stack_settings.redis_dsn,
-    }
-    settings = Settings(
-        state_dir=tmp_path / "cluster",
-        kafka_brokers=BROKERS,
-        kafka_port=base,
-        kafka_controller_port=base + 1,
-        kafka_bootstrap_servers=None,
-        mongodb_uri=stack_settings.mongodb_url,
-        redis_url=stack_settings.redis_dsn,
-    )
-    stack = Stack(settings)
-    pids: list[int] = []
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
+    """Bring up three brokers of a state folder under ``tmp_path``; always bring them down
+    (and fail if one survives or a port stays open). Worker processes started meanwhile find
+    the cluster through the environment."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        pytest.skip("KAFKA_BOOTSTRAP_SERVERS is set: a private cluster needs the local Kafka")
+    with (
+        private_kafka(stack_settings, tmp_path / "cluster", brokers=BROKERS) as cluster,
+        pytest.MonkeyPatch.context() as mp,
+    ):
+        for key, value in cluster.environment().items():
             mp.setenv(key, value)  # for the worker processes
-        try:
-            started = time.monotonic()
-            results = stack.up()
-            seconds = time.monotonic() - started
-            assert [r.name for r in results if r.pid] == ["kafka-1", "kafka-2", "kafka-3"]
-            yield Cluster(settings, seconds, list(range(base, base + 2 * BROKERS)))
-        finally:
-            pids = [p for p in (s.running_pid() for s in stack.services) if p is not None]
-            down = stack.down()
-    assert {r.name: r.action for r in down if r.name.startswith("kafka-")} == {
-        f"kafka-{i}": "stopped" for i in range(1, BROKERS + 1)
-    }, down
-    assert not any(is_alive(pid) for pid in pids)
-    for port in range(base, base + 2 * BROKERS):
-        assert not port_open("127.0.0.1", port), f"port {port} still open"
+        yield cluster
 
 
 def describe_lines(d: TopicDescription) -> list[str]:
