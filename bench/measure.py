@@ -56,14 +56,21 @@ class Usage:
 
 
 class Sampler:
-    """Samples a process tree's memory while it runs; CPU from start to stop."""
+    """Samples a process tree's memory while it runs; CPU from start to stop, its own and
+    the servers' (``servers``: every local service by process name unless told otherwise)."""
 
-    def __init__(self, pid: int, interval: float = 0.25) -> None:
+    def __init__(
+        self,
+        pid: int,
+        interval: float = 0.25,
+        servers: Callable[[], dict[str, float]] = server_cpu,
+    ) -> None:
         self.proc = psutil.Process(pid)
         self.interval = interval
         self.usage = Usage()
+        self._servers = servers
         self._stop = threading.Event()
-        self._servers_before = server_cpu()
+        self._servers_before = servers()
         self._cpu_before = self._tree_cpu()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -91,7 +98,7 @@ class Sampler:
     def stop(self) -> Usage:
         """Stop sampling (call before the process exits, so its CPU is still readable)."""
         self.usage.cpu_s = self._tree_cpu() - self._cpu_before
-        after = server_cpu()
+        after = self._servers()
         self.usage.servers_cpu_s = {
             name: round(after[name] - self._servers_before.get(name, 0.0), 2) for name in after
         }
