@@ -37,7 +37,7 @@ chaos: $(STAMP) system-deps ## Chaos scenarios at full size (STOCKFLOW_CHAOS_SCA
 	$(BIN)/stockflow stack up
 	STOCKFLOW_CHAOS_SCALE=$${STOCKFLOW_CHAOS_SCALE:-1} $(BIN)/python -m pytest tests/chaos -m chaos -s $(PYTEST_ARGS)
 
-bench: $(STAMP) system-deps ## The benchmark: seed's design vs stockflow vs ceilings (~15 min); writes bench/results and docs/performance.md
+bench: $(STAMP) system-deps ## The benchmark: seed's design vs stockflow vs ceilings, FerretDB with and without its compare-and-set patch (~20 min); writes bench/results and docs/performance.md
 	$(BIN)/stockflow stack up
 	$(BIN)/python -m bench.run --write-docs $(BENCH_ARGS)
 

@@ -20,7 +20,6 @@ from bench.measure import OutcomeWatch, Sampler, Usage, watch_outcomes
 from stockflow.audit import AuditReport, run_audit
 from stockflow.config import Settings
 from stockflow.pipeline import open_pipeline
-from stockflow.topics import delete_topics
 from stockflow.worker import ensure_topics
 
 console = Console(stderr=True)
@@ -149,12 +148,3 @@ def consume_all(
         report = run_audit(s, pipeline)
     audit_seconds = time.monotonic() - clock
     return Consumed(watch, usage, report, stats, started, stop_seconds, audit_seconds)
-
-
-def delete_run_topics(s: Settings) -> None:
-    """Delete a run's four topics; a failure is reported, never a failed benchmark."""
-    names = [s.topic, s.commands_topic, s.outcomes_topic, s.dlq_topic]
-    try:
-        delete_topics(s, names)
-    except Exception as exc:  # deleting is tidying up
-        console.print(f"[yellow]could not delete {names}: {exc}[/yellow]")

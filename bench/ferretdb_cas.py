@@ -14,6 +14,10 @@ on the same workloads, several rounds; the median of the rounds is reported:
 - CPU time per update of FerretDB and of PostgreSQL (all its processes) in each workload,
   from ``/proc``: a busy machine disturbs it less than it disturbs the rates.
 
+The pieces (:class:`Instance`, :func:`private_instances`, :func:`compare`) also serve
+``make bench``'s section on the patch (``bench/cas_section.py``), which runs stockflow and the
+seed's design on each build.
+
 Usage: ``python -m bench.ferretdb_cas [--updates N] [--rounds R] [--json]``.
 """
 
@@ -33,6 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
 from pymongo import MongoClient, UpdateOne
 from pymongo.collection import Collection
 
@@ -42,7 +47,7 @@ from stockflow.planner import MARKER
 from stockflow.stack.ferretdb import FerretDBService
 from stockflow.stack.ferretdb_patches import BUILD, WITHOUT_CAS, Build
 from stockflow.stack.postgres import PostgresService
-from stockflow.stack.service import Service
+from stockflow.stack.service import Reporter, Service
 
 Doc = dict[str, Any]
 BIG = 10**9
@@ -51,7 +56,7 @@ WRITERS = 8
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
     """CPU time (user + system) of ``pid`` and its descendants that are alive now."""
     total = 0.0
     try:
@@ -59,7 +64,7 @@ def _cpu_seconds(pid: int) -> float:
         total = (int(fields[11]) + int(fields[12])) / TICKS
         for task in Path(f"/proc/{pid}/task").iterdir():
             for child in (task / "children").read_text().split():
-                total += _cpu_seconds(int(child))
+                total += cpu_seconds(int(child))
     except (OSError, ValueError):
         pass  # gone in between
     return total
@@ -74,6 +79,7 @@ class Instance:
         self.build = build
         self.settings = Settings(
             state_dir=state,
+            mongodb_uri=None,  # a MONGODB_URI in the environment would make FerretDB "external"
             ferretdb_backend="postgresql",
             ferretdb_port=ports[0],
             postgres_port=ports[1],
@@ -84,10 +90,11 @@ class Instance:
         ]
         self.pids: list[int] = []
 
-    def start(self) -> None:
+    def start(self, report: Reporter = print) -> None:
+        """Start PostgreSQL, then FerretDB (built into the cache first if it is missing)."""
         for service in self.services:
             service.dir.mkdir(parents=True, exist_ok=True)
-            service.provision(print)
+            service.provision(report)
             service.prepare(lambda _: None)
             _, pid = service.start(lambda _: None)
             service.wait_ready(pid)
@@ -100,21 +107,37 @@ class Instance:
     def client(self) -> MongoClient[Doc]:
         return MongoClient(self.settings.mongodb_url)
 
+    def serve(self, base: Settings) -> Settings:
+        """``base`` (Kafka, Redis, names) with this instance as its MongoDB server."""
+        return base.model_copy(update={"mongodb_uri": SecretStr(self.settings.mongodb_url)})
+
+    def server_pids(self) -> dict[str, list[int]]:
+        """This instance's PostgreSQL and FerretDB pids, by service name."""
+        return {service.name: [pid] for service, pid in zip(self.services, self.pids, strict=True)}
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds used so far by this instance's PostgreSQL (all its processes) and
+        FerretDB: the machine's other servers of the same name are not counted."""
+        return {
+            service.name: cpu_seconds(pid)
+            for service, pid in zip(self.services, self.pids, strict=True)
+        }
+
 
 def _timed(instance: Instance, updates: int, work: Callable[[], int]) -> dict[str, float]:
     """Run ``work`` (returns the updates it made): updates/s, and CPU µs per update of
     PostgreSQL (all its processes) and of FerretDB."""
-    cpu = [_cpu_seconds(pid) for pid in instance.pids]
+    before = instance.cpu()
     begin = time.perf_counter()
     done = work()
     wall = time.perf_counter() - begin
-    used = [_cpu_seconds(pid) - before for pid, before in zip(instance.pids, cpu, strict=True)]
+    used = {name: seconds - before[name] for name, seconds in instance.cpu().items()}
     assert done == updates, (done, updates)
     return {
         "per_s": done / wall,
         "wall_s": wall,
-        "postgres_cpu_us": used[0] / done * 1e6,
-        "ferretdb_cpu_us": used[1] / done * 1e6,
+        "postgres_cpu_us": used["postgres"] / done * 1e6,
+        "ferretdb_cpu_us": used["ferretdb"] / done * 1e6,
     }
 
 
@@ -241,7 +264,9 @@ def _free_ports(n: int) -> list[int]:
 
 
 @contextmanager
-def _instances(builds: list[Build]) -> Iterator[list[Instance]]:
+def private_instances(builds: list[Build], report: Reporter = print) -> Iterator[list[Instance]]:
+    """Each build started on a fresh PostgreSQL of its own, on free ports; all stopped and
+    their folders removed at the end."""
     with tempfile.TemporaryDirectory(prefix="ferret-cas-") as tmp:
         Path(tmp).chmod(0o755)
         ports = _free_ports(2 * len(builds))
@@ -251,21 +276,24 @@ def _instances(builds: list[Build]) -> Iterator[list[Instance]]:
         ]
         try:
             for instance in instances:
-                instance.start()
+                instance.start(report)
             yield instances
         finally:
             for instance in instances:
                 instance.stop()
 
 
-def run(updates: int, rounds: int) -> dict[str, dict[str, dict[str, float]]]:
-    builds = [WITHOUT_CAS, BUILD]
-    samples: dict[str, list[dict[str, dict[str, float]]]] = {b.tag: [] for b in builds}
-    with _instances(builds) as instances:
-        for _ in range(rounds):
-            for instance in instances:
-                samples[instance.build.tag].append(measure(instance, updates))
-    medians: dict[str, dict[str, dict[str, float]]] = {}
+Medians = dict[str, dict[str, dict[str, float]]]
+"""Build tag -> workload -> measure -> the median of the rounds."""
+
+
+def compare(instances: list[Instance], updates: int, rounds: int) -> Medians:
+    """The workloads on each instance in turn, ``rounds`` times; the medians per build."""
+    samples: dict[str, list[dict[str, dict[str, float]]]] = {i.build.tag: [] for i in instances}
+    for _ in range(rounds):
+        for instance in instances:
+            samples[instance.build.tag].append(measure(instance, updates))
+    medians: Medians = {}
     for tag, runs in samples.items():
         medians[tag] = {
             workload: {key: statistics.median(r[workload][key] for r in runs) for key in row}
@@ -274,28 +302,40 @@ def run(updates: int, rounds: int) -> dict[str, dict[str, dict[str, float]]]:
     return medians
 
 
-def table(result: dict[str, dict[str, dict[str, float]]]) -> str:
-    """The medians as a Markdown table, and the contended run's outcome per build."""
-    out: list[str] = []
-    before, after = result[WITHOUT_CAS.tag], result[BUILD.tag]
-    out.append(
-        f"| workload | updates/s {WITHOUT_CAS.tag} | {BUILD.tag} | change "
-        "| FerretDB CPU µs/update before | after | PostgreSQL CPU µs/update before | after |"
-    )
-    out.append("|---|---|---|---|---|---|---|---|")
-    for workload, row in before.items():
-        new = after[workload]
-        change = (new["per_s"] / row["per_s"] - 1) * 100
-        out.append(
-            f"| {workload} | {row['per_s']:.0f} | {new['per_s']:.0f} | {change:+.0f}% "
-            f"| {row['ferretdb_cpu_us']:.0f} | {new['ferretdb_cpu_us']:.0f} "
-            f"| {row['postgres_cpu_us']:.0f} | {new['postgres_cpu_us']:.0f} |"
-        )
+def run(updates: int, rounds: int) -> Medians:
+    with private_instances([WITHOUT_CAS, BUILD]) as instances:
+        return compare(instances, updates, rounds)
+
+
+def table(result: Medians) -> str:
+    """The medians as a Markdown table, and the contended run's outcome per build.
+
+    Builds in the order measured; with two (before and after the patch), a change column.
+    """
+    tags = list(result)
+    pair = len(tags) == 2
+    head = [
+        "workload",
+        *(f"updates/s {tag}" for tag in tags),
+        *(["change"] if pair else []),
+        *(f"FerretDB CPU µs/update {tag}" for tag in tags),
+        *(f"PostgreSQL CPU µs/update {tag}" for tag in tags),
+    ]
+    out = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for workload in result[tags[0]]:
+        rows = [result[tag][workload] for tag in tags]
+        cells = [workload, *(f"{row['per_s']:,.0f}" for row in rows)]
+        if pair:
+            cells.append(f"{(rows[1]['per_s'] / rows[0]['per_s'] - 1) * 100:+.0f}%")
+        cells += [f"{row['ferretdb_cpu_us']:,.0f}" for row in rows]
+        cells += [f"{row['postgres_cpu_us']:,.0f}" for row in rows]
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
     for tag, rows in result.items():
         hot = rows["contended"]
         out.append(
-            f"- {tag}, contended: {hot['lost']:.0f} matched updates lost, "
-            f"{hot['kept_per_s']:.0f} kept updates/s, "
+            f"- {tag}, contended: {hot['lost']:,.0f} matched updates lost, "
+            f"{hot['kept_per_s']:,.0f} kept updates/s, "
             f"{hot['attempts_per_update']:.2f} attempts per matched update"
         )
     return "\n".join(out)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bench.ferretdb_cas import table as micro_table
+
 START = "<!-- bench:start (written by `make bench`; edit around it) -->"
 END = "<!-- bench:end -->"
 SCALING_START = "<!-- scaling:start (written by `make bench-scale`; edit around it) -->"
@@ -85,6 +87,8 @@ def table(results: dict[str, Any]) -> str:
             f"| {sf['orders_per_s'] / slowest:.0%} | {sf['cpu_s_per_1000']:.2f} "
             f"| {servers:.2f} | {_n(sf['peak_rss_mb'])} | {sf['audit_discrepancies']} |"
         )
+    if "cas_patch" in results:
+        lines += ["", *patch_section(results["cas_patch"])]
     lines += [
         "",
         "| offered rate | orders | p50 ms | p95 ms | p99 ms | max ms "
@@ -146,6 +150,68 @@ def table(results: dict[str, Any]) -> str:
             for step, sec in sorted(zipf["applier_seconds"].items(), key=lambda kv: -kv[1])
         ]
     return "\n".join(lines)
+
+
+def patch_section(patch: dict[str, Any]) -> list[str]:
+    """The FerretDB compare-and-set patch: stockflow and the seed's design on each build."""
+    w = patch["workload"]
+    target = patch["target_speedup"]
+    rounds = f"{patch['rounds']} round" + ("s" if patch["rounds"] != 1 else "")
+    lines = [
+        f"**The FerretDB compare-and-set patch** (the {w['name']} workload as above: "
+        f"{w['orders']:,} orders, {w['products']:,} products; {patch['unpatched_build']} is "
+        f"FerretDB built without the patch, {patch['patched_build']} with it, as the local "
+        "stack runs it; each on a fresh private PostgreSQL; stockflow and the seed's design "
+        f"take turns on them, {rounds}, medians). How to read it: with the patch, the ratio "
+        f"must stay at least {target:.0f}x; the two rows compared give the patch's cost. Their "
+        "rates were measured minutes apart on one machine, so the CPU per order (of the "
+        "private servers' own processes) is the steadier figure.",
+        "",
+        "| FerretDB build | stockflow orders/s | seed orders/s | ratio "
+        "| FerretDB + PostgreSQL CPU ms/order, stockflow | same, seed | audit |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def label(tag: str) -> str:
+        return f"{tag} ({'with' if tag == patch['patched_build'] else 'without'} the patch)"
+
+    for tag, b in patch["builds"].items():
+        with_patch = tag == patch["patched_build"]
+        ratio = b["speedup_vs_baseline"]
+        verdict = ""
+        if with_patch and patch.get("target_met") is not None:
+            verdict = f" ({'meets' if patch['target_met'] else 'MISSES'} {target:.0f}x)"
+        cpu = b["servers_cpu_ms_per_order"]
+        lines.append(
+            f"| {label(tag)} "
+            f"| {_n(b['stockflow_orders_per_s'])} | {_n(b['baseline_orders_per_s'])} "
+            f"| {_n(ratio, 1)}x{verdict} "
+            f"| {cpu['stockflow']['ferretdb']:.2f} + {cpu['stockflow']['postgres']:.2f} "
+            f"| {cpu['baseline']['ferretdb']:.2f} + {cpu['baseline']['postgres']:.2f} "
+            f"| {b['audit_discrepancies']} |"
+        )
+    for tag, why in patch.get("skipped", {}).items():
+        lines.append(f"| {label(tag)} | not run: {why} | | | | | |")
+    change = patch.get("patch_change")
+    if change:
+        lines += [
+            "",
+            "The patch's cost, with against without: stockflow "
+            + ", seed ".join(
+                f"{change[who] * 100:+.0f}%" if change[who] is not None else "-"
+                for who in ("stockflow", "baseline")
+            )
+            + " in orders/s.",
+        ]
+    if patch.get("micro"):
+        lines += [
+            "",
+            "The same two servers under `bench/ferretdb_cas.py`'s micro-benchmark (medians; "
+            "single compare-and-set, stockflow's bulk write, eight writers on one product):",
+            "",
+            micro_table(patch["micro"]),
+        ]
+    return lines
 
 
 def docs_table(results: dict[str, Any], path: Path) -> None:

@@ -9,12 +9,15 @@ docs/performance.md for the figures and how to read them):
 - latency at fixed offered rates (1,000/s, 5,000/s and half of stockflow's Zipf maximum): from
   an order's creation to its outcome being readable on the outcomes topic;
 - how throughput and memory move with batch size, product count and stream length;
+- the FerretDB compare-and-set patch (``cas_section.py``): the Zipf workload run by stockflow
+  and the seed's design on private FerretDBs built without and with the patch, side by side;
 - after every stockflow run, the audit (a fast wrong answer does not count).
 
 The baseline is slow (milliseconds per order), so it runs on the first orders of the same
 topic for a bounded time; its rate is orders per second all the same.
 
-Usage: ``python -m bench.run [--quick] [--out DIR] [--write-docs]`` (``make bench``).
+Usage: ``python -m bench.run [--quick] [--no-patch-section] [--out DIR] [--write-docs]``
+(``make bench``).
 """
 
 from __future__ import annotations
@@ -22,23 +25,35 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bench import ceilings
-from bench.baseline import run_baseline
-from bench.consumer import StockflowProcess, consume_all, delete_run_topics
-from bench.measure import Sampler, machine, percentile, watch_outcomes
-from bench.workload import Workload, drop, isolated, preload, seed_products
+from bench import cas_section, ceilings
+from bench.consumer import StockflowProcess
+from bench.contestants import (
+    BASELINE_SECONDS,
+    QUICK_BASELINE_SECONDS,
+    measure_baseline,
+    measure_stockflow,
+)
+from bench.measure import machine, percentile, watch_outcomes
+from bench.workload import (
+    Workload,
+    delete_run_topics,
+    drop,
+    headline_workload,
+    isolated,
+    preload,
+    scaled,
+    seed_products,
+)
 from stockflow.audit import run_audit
 from stockflow.config import Settings, load_settings
 from stockflow.pipeline import open_pipeline
@@ -51,65 +66,6 @@ WARMUP_SECONDS = 2.0
 """Latency runs offer this long before timing starts (first fetches, partitions joining
 transactions); those orders are processed and audited but not timed."""
 console = Console(stderr=True)
-
-
-# --- contestants ---------------------------------------------------------------------------
-
-
-def measure_stockflow(
-    s: Settings, expected: int, progress: Callable[[int], None], tmp: Path
-) -> dict[str, Any]:
-    run = consume_all(
-        s,
-        expected,
-        progress=progress,
-        log=tmp / f"{s.group_id}.log",
-        stats_file=tmp / f"{s.group_id}.json",
-    )
-    usage = run.usage
-    return {
-        "orders_per_s": round(run.watch.orders_per_s, 1),
-        "outcomes": run.watch.count,
-        "statuses": run.watch.statuses,
-        "cpu_s_per_1000": round(usage.cpu_s / expected * 1000, 3),
-        "servers_cpu_s_per_1000": {
-            k: round(v / expected * 1000, 3) for k, v in usage.servers_cpu_s.items()
-        },
-        "peak_rss_mb": round(usage.peak_rss_mb, 1),
-        "rss_quartiles_mb": _quartiles(usage.rss_samples_mb),
-        "audit_discrepancies": run.report.discrepancies,
-        "audit_messages_checked": run.report.messages_checked,
-        "applier_seconds": run.stats.get("applier_seconds", {}),
-    }
-
-
-def _quartiles(samples: list[float]) -> list[float]:
-    """RSS at a quarter, half, three quarters and the end of the run."""
-    if not samples:
-        return []
-    n = len(samples)
-    return [samples[min(n - 1, n * q // 4)] for q in (1, 2, 3, 4)]
-
-
-def measure_baseline(s: Settings, messages: int, seconds: float) -> dict[str, Any]:
-    with open_pipeline(s) as pipeline:
-        products = pipeline.inventory.products
-        sampler = Sampler(os.getpid())
-        run = run_baseline(
-            s, products, pipeline.redis,
-            group_id=f"{s.group_id}-baseline", max_messages=messages, max_seconds=seconds,
-        )  # fmt: skip
-        usage = sampler.stop()
-    return {
-        "orders_per_s": round(run.orders_per_s, 1),
-        "orders_processed": run.processed,
-        "seconds": round(run.last_done - run.first_done, 1),
-        "cpu_s_per_1000": round(usage.cpu_s / max(1, run.processed) * 1000, 3),
-        "servers_cpu_s_per_1000": {
-            k: round(v / max(1, run.processed) * 1000, 3) for k, v in usage.servers_cpu_s.items()
-        },
-        "errors": run.errors[:3],
-    }
 
 
 # --- runs ----------------------------------------------------------------------------------
@@ -128,7 +84,7 @@ class Bench:
         )  # fmt: skip
 
     def scale(self, n: int) -> int:
-        return max(500, n // 100) if self.quick else n
+        return scaled(n, self.quick)
 
     def throughput(self, workload: Workload, *, baseline: bool, ceilings_too: bool,
                    batch_size: int | None = None) -> dict[str, Any]:  # fmt: skip
@@ -156,7 +112,9 @@ class Bench:
                 runs.append(s)
                 console.print(f"{label}: baseline (the seed's design) …")
                 result["baseline"] = measure_baseline(
-                    s, messages=len(orders), seconds=5 if self.quick else 45
+                    s,
+                    messages=len(orders),
+                    seconds=QUICK_BASELINE_SECONDS if self.quick else BASELINE_SECONDS,
                 )
             if ceilings_too:
                 console.print(f"{label}: ceilings …")
@@ -178,7 +136,7 @@ class Bench:
             for s in runs:
                 drop(s)
             delete_run_topics(topic)
-        self._say(label, result)
+        self.say(label, result)
         return result
 
     def _contestant(self, topic: Settings, who: str, workload: Workload,
@@ -258,10 +216,10 @@ class Bench:
                 **{k: round(v / len(orders) * 1000, 3) for k, v in usage.servers_cpu_s.items()},
             },
         }
-        self._say(f"latency at {rate:.0f}/s", result)
+        self.say(f"latency at {rate:.0f}/s", result)
         return result
 
-    def _say(self, label: str, result: dict[str, Any]) -> None:
+    def say(self, label: str, result: dict[str, Any]) -> None:
         console.print(f"[bold]{label}[/bold]: {json.dumps(result, default=str)}")
 
 
@@ -285,29 +243,40 @@ def _stages(stats: dict[str, Any]) -> dict[str, Any]:
     return stages
 
 
-def run(quick: bool, out: Path) -> dict[str, Any]:
+def run(
+    quick: bool, out: Path, *, patch_section: bool = True, patch_rounds: int = 0
+) -> dict[str, Any]:
+    """The whole benchmark; ``patch_rounds``: the patch section's rounds (0: its default)."""
     base = load_settings()
     Stack(base).up()
     bench = Bench(base, quick=quick, out=out)
     with bench.progress:
-        return _run(bench, base, quick)
+        return _run(bench, base, quick, patch_rounds if patch_section else None)
 
 
-def _run(bench: Bench, base: Settings, quick: bool) -> dict[str, Any]:
+def _run(bench: Bench, base: Settings, quick: bool, patch_rounds: int | None) -> dict[str, Any]:
     n = bench.scale
     started = time.time()
     results: dict[str, Any] = {"machine": machine(), "quick": quick, "workloads": {}}
     results["services"] = {st.name: st.version for st in Stack(base).status()}
     w = results["workloads"]
     w["zipf"] = bench.throughput(
-        Workload("zipf", n(200_000), n(10_000)), baseline=True, ceilings_too=True
+        headline_workload("zipf", quick=quick), baseline=True, ceilings_too=True
     )
+    if patch_rounds is not None:  # next to the headline, so its ratio is measured close to this one
+        results["cas_patch"] = cas_section.run_section(
+            base,
+            headline_workload("zipf", quick=quick),
+            quick=quick,
+            progress=bench.progress,
+            rounds=patch_rounds,
+        )
+        bench.say("the FerretDB compare-and-set patch", results["cas_patch"])
     w["uniform"] = bench.throughput(
-        Workload("uniform", n(200_000), n(10_000), popularity="uniform"),
-        baseline=True, ceilings_too=True,
-    )  # fmt: skip
+        headline_workload("uniform", quick=quick), baseline=True, ceilings_too=True
+    )
     w["hot"] = bench.throughput(
-        Workload("hot", n(200_000), n(10_000), popularity="hot"), baseline=True, ceilings_too=True
+        headline_workload("hot", quick=quick), baseline=True, ceilings_too=True
     )
     zipf_max = w["zipf"]["stockflow"]["orders_per_s"]
     seconds = 3 if quick else 20
@@ -356,6 +325,9 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
     ]
     audits += [b["audit_discrepancies"] for sweep in results["sweeps"].values()
                for b in sweep.values()]  # fmt: skip
+    patch = results.get("cas_patch")
+    if patch is not None:
+        audits.append(cas_section.audit_discrepancies(patch))
     lowest_rate = min(results["latency"], key=float)
     return {
         "baseline_orders_per_s": base["orders_per_s"],
@@ -368,6 +340,8 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         "p99_ms_at_1000_per_s": results["latency"].get("1000", {}).get("p99_ms"),
         "p99_ms_at_lowest_rate": results["latency"][lowest_rate]["p99_ms"],
         "audit_discrepancies": sum(audits),
+        "cas_patch_speedup_vs_baseline": patch["speedup_with_patch"] if patch else None,
+        "cas_patch_target_met": patch["target_met"] if patch else None,
     }
 
 
@@ -385,6 +359,17 @@ def main(argv: list[str] | None = None) -> int:
         help="Where latest.json and the chart go [default: bench/results].",
     )
     parser.add_argument(
+        "--no-patch-section",
+        action="store_true",
+        help="Leave out the section on FerretDB's compare-and-set patch (two private FerretDBs).",
+    )
+    parser.add_argument(
+        "--patch-rounds",
+        type=int,
+        default=0,
+        help="Turns of each FerretDB build in that section (median) [default: 1].",
+    )
+    parser.add_argument(
         "--write-docs",
         action="store_true",
         help="Also rewrite the figures table in docs/performance.md.",
@@ -392,7 +377,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # fmt: skip
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = run(args.quick, args.out)
+    results = run(
+        args.quick,
+        args.out,
+        patch_section=not args.no_patch_section,
+        patch_rounds=args.patch_rounds,
+    )
     (args.out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
     from bench.report import chart, docs_table
 

@@ -42,9 +42,17 @@ from confluent_kafka.admin import ConfigResource
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bench.consumer import consume_all, delete_run_topics
+from bench.consumer import consume_all
 from bench.measure import machine, stack_servers
-from bench.workload import PARTITIONS, Workload, drop, isolated, preload, seed_products
+from bench.workload import (
+    PARTITIONS,
+    Workload,
+    delete_run_topics,
+    drop,
+    isolated,
+    preload,
+    seed_products,
+)
 from stockflow.config import Settings, load_settings
 from stockflow.stack import Stack
 from stockflow.testing import PrivateKafka, private_kafka

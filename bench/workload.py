@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import uuid
 from dataclasses import dataclass
@@ -11,11 +12,21 @@ from stockflow.config import Settings
 from stockflow.orders import Order
 from stockflow.pipeline import open_pipeline
 from stockflow.producer import OrderProducer
-from stockflow.topics import create_topic
+from stockflow.topics import create_topic, delete_topics
 
 STOCK = 10**6
 """Every product's starting stock: enough that no workload runs out (every order is a write)."""
 PARTITIONS = 6
+log = logging.getLogger("bench")
+
+
+HEADLINE_ORDERS = 200_000
+HEADLINE_PRODUCTS = 10_000
+
+
+def scaled(n: int, quick: bool) -> int:
+    """``n`` for a full run; for ``--quick``, a hundredth (at least 500)."""
+    return max(500, n // 100) if quick else n
 
 
 @dataclass(frozen=True)
@@ -85,3 +96,26 @@ def drop(s: Settings) -> None:
         keys = list(pipeline.redis.scan_iter(match=f"{s.cache_key_prefix}*", count=10_000))
         for start in range(0, len(keys), 5000):
             pipeline.redis.delete(*keys[start : start + 5000])
+
+
+def delete_run_topics(s: Settings, *, with_input: bool = True) -> None:
+    """Delete a run's commands, outcomes and dead-letter topics, and its input topic unless
+    told not to (one shared by other runs), if it can."""
+    names = [s.commands_topic, s.outcomes_topic, s.dlq_topic]
+    if with_input:
+        names.insert(0, s.topic)
+    try:
+        delete_topics(s, names)
+    except Exception as exc:  # deleting is tidying up, never a failed benchmark
+        log.warning("could not delete %s: %s", names, exc)
+
+
+def headline_workload(popularity: str, *, quick: bool) -> Workload:
+    """The benchmark's throughput workload of this popularity (``zipf``, ``uniform``, ``hot``):
+    anyone who makes it gets the same orders."""
+    return Workload(
+        popularity,
+        scaled(HEADLINE_ORDERS, quick),
+        scaled(HEADLINE_PRODUCTS, quick),
+        popularity=popularity,
+    )

@@ -392,9 +392,12 @@ class Settings(BaseSettings):
 
     def worker_environment(self) -> dict[str, str]:
         """The environment that makes a ``stockflow`` child process work on the same pipeline
-        (topic, database, group, cache prefix, partitions, batch size) as these settings."""
+        (topics, database, group, cache prefix, partitions, batch size) as these settings."""
         return {
             "STOCKFLOW_TOPIC": self.topic,
+            "STOCKFLOW_COMMANDS_TOPIC": self.commands_topic,
+            "STOCKFLOW_DLQ_TOPIC": self.dlq_topic,
+            "STOCKFLOW_OUTCOMES_TOPIC": self.outcomes_topic,
             "STOCKFLOW_DATABASE": self.database,
             "STOCKFLOW_CACHE_KEY_PREFIX": self.cache_key_prefix,
             "STOCKFLOW_GROUP_ID": self.group_id,

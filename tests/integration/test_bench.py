@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from stockflow.config import Settings
+from stockflow.stack.ferretdb_patches import BUILD, WITHOUT_CAS
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -19,14 +21,19 @@ TOP_LEVEL = {
     "fraction_of_ceiling",
     "p99_ms_at_1000_per_s",
     "audit_discrepancies",
+    "cas_patch_speedup_vs_baseline",
+    "cas_patch_target_met",
 }
 
 
 def test_quick_benchmark_runs_every_contestant_and_audits(
     stack_settings: Settings, tmp_path: Path
 ) -> None:
+    from bench.cas_section import missing_builds
+    from bench.report import docs_table
     from bench.run import main
 
+    missing = {b.tag for b in missing_builds(stack_settings)}
     assert main(["--quick", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "latest.json").read_text())
     assert set(results) >= TOP_LEVEL
@@ -40,7 +47,33 @@ def test_quick_benchmark_runs_every_contestant_and_audits(
         assert workload["ceilings"]["mongodb_aggregated_orders_per_s"] > 0, name
     for latency in results["latency"].values():
         assert latency["with_outcome"] == latency["orders"]
+    _check_patch_section(results["cas_patch"], results["workloads"]["zipf"], missing)
+    docs = tmp_path / "performance.md"
+    docs_table(results, docs)
+    assert "The FerretDB compare-and-set patch" in docs.read_text()
     assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _check_patch_section(patch: dict[str, Any], zipf: dict[str, Any], missing: set[str]) -> None:
+    """Each FerretDB build in the cache ran both contestants on its private server.
+
+    A quick run builds nothing: on a machine where only the local stack's build is cached
+    (a fresh CI machine: `make test` builds BUILD, nothing builds WITHOUT_CAS), the section
+    runs on BUILD alone and names WITHOUT_CAS as left out. It runs on both once
+    `python -m bench.ferretdb_cas` or a full `make bench` has built WITHOUT_CAS.
+    """
+    assert patch["workload"]["orders"] == zipf["orders"]
+    assert patch["target_met"] is None  # a quick run's tiny sizes are not judged
+    assert set(patch["skipped"]) == missing
+    assert set(patch["builds"]) == {WITHOUT_CAS.tag, BUILD.tag} - missing
+    for tag, build in patch["builds"].items():
+        assert build["audit_discrepancies"] == 0, tag
+        assert build["outcomes"] == [zipf["orders"]], tag
+        assert all(n > 0 for n in build["baseline_orders_processed"]), tag
+        # Counted on the private FerretDB's own process: it did the work.
+        assert build["servers_cpu_ms_per_order"]["stockflow"]["ferretdb"] > 0, tag
+    if BUILD.tag in patch["builds"]:
+        assert patch["micro"][BUILD.tag]["contended"]["lost"] == 0
 
 
 def test_quick_scaling_runs_each_worker_count_on_a_private_broker_and_audits(

@@ -57,6 +57,23 @@ def test_prefixed_variables_and_empty_values(monkeypatch: pytest.MonkeyPatch) ->
     assert not s.is_external("mongodb")
 
 
+def test_a_child_on_the_worker_environment_uses_the_same_topics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker started for settings whose outcomes topic is named apart from the input's
+    (the benchmark gives each contestant its own) must not fall back to ``<topic>.outcomes``."""
+    parent = Settings(topic="orders-a", outcomes_topic_name="outcomes-of-a")
+    for name, value in parent.worker_environment().items():
+        monkeypatch.setenv(name, value)
+    child = Settings()
+    assert (child.topic, child.commands_topic, child.dlq_topic, child.outcomes_topic) == (
+        "orders-a",
+        "orders-a.by-product",
+        "orders-a.dlq",
+        "outcomes-of-a",
+    )
+
+
 def test_state_dir_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert Settings(state_dir=Path("st")).state_dir == tmp_path / "st"
