@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -522,6 +523,11 @@ def _work(
             f"[dim]Consuming {s.topic} ({'+'.join(roles)}, group {s.group_id}); "
             "Ctrl-C to stop[/dim]"
         )
+        # What is alive now (modules, clients, settings: most of the heap) lives as long as the
+        # process. Left to the cycle collector, each of its full passes walked all of it with
+        # both stages stopped (50-90 ms, every few seconds at 1,000 orders/s); frozen, a full
+        # pass walks only what the batches allocate.
+        gc.freeze()
         return worker.run(idle_timeout=idle_timeout, max_messages=max_messages)
 
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
+import unicodedata
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from stockflow.errors import InvalidOrderError
-from stockflow.orders import MAX_MESSAGE_BYTES, Order, decode_order
+from stockflow.orders import MAX_MESSAGE_BYTES, Order, decode_order, validate
 
 
 def test_seed_message_decodes() -> None:
@@ -178,3 +180,19 @@ def test_any_json_at_any_depth_decodes_or_raises_invalid_order(value: object, de
             decode_order(candidate)
         except InvalidOrderError as exc:
             assert exc.reason and len(exc.reason) <= 200
+
+
+def test_exactly_the_unicode_control_characters_are_refused_in_ids() -> None:
+    # The check is two C-speed calls, not a category lookup per character: it must still
+    # refuse every character of category Cc (and only those), wherever it stands.
+    refused = set()
+    for code in range(sys.maxunicode + 1):
+        if 0xD800 <= code <= 0xDFFF:
+            continue  # surrogates: not valid in JSON text (refused as malformed)
+        try:
+            validate(Order(order_id=f"a{chr(code)}b", product_id=101, quantity=1))
+        except InvalidOrderError as exc:
+            assert "control character" in exc.reason
+            refused.add(code)
+    cc = {c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) == "Cc"}
+    assert refused == cc
