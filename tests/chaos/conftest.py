@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from stockflow.config import Settings, load_settings
+from stockflow.stack import Stack, take_back_own
+
 _ran: list[str] = []
 _skipped: list[str] = []
 
@@ -32,3 +35,18 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         )
         for line in sorted(set(s.split(": ", 1)[1] for s in _skipped)):
             terminalreporter.line(f"  {line}")
+
+
+@pytest.fixture(scope="module")
+def base() -> Settings:
+    """The local stack, started if needed, for scenarios that break nothing of it (a module
+    may define its own, as test_chaos.py does)."""
+    settings, foreign = take_back_own(load_settings())
+    if foreign:  # the chaos suite's rule, though nothing is broken here
+        pytest.skip(
+            "chaos runs use only the local stack's own services, and "
+            + "; ".join(foreign)
+            + ": unset it to run them on the local stack"
+        )
+    Stack(settings).up()
+    return settings

@@ -30,10 +30,9 @@ from pathlib import Path
 
 import pytest
 
-from stockflow.config import Settings, load_settings
+from stockflow.config import Settings
 from stockflow.errors import StockflowError
 from stockflow.groups import describe_group
-from stockflow.stack import Stack, take_back_own
 from tests.chaos.harness import Workers, run_chaos
 
 SCALE = float(os.environ.get("STOCKFLOW_CHAOS_SCALE", "0.1"))
@@ -59,19 +58,6 @@ class Pause:
     seconds: float
     mid_batch: bool
     """Between reading a batch's products and writing them; else wherever the worker is."""
-
-
-@pytest.fixture(scope="module")
-def base() -> Settings:
-    settings, foreign = take_back_own(load_settings())
-    if foreign:  # the chaos suite's rule (conftest.py), though nothing is broken here
-        pytest.skip(
-            "chaos runs use only the local stack's own services, and "
-            + "; ".join(foreign)
-            + ": unset it to run them on the local stack"
-        )
-    Stack(settings).up()
-    return settings
 
 
 def members(s: Settings) -> int | None:

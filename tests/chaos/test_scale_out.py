@@ -38,33 +38,19 @@ import psutil
 import pytest
 
 from stockflow.audit import AuditReport, run_audit
-from stockflow.config import Settings, load_settings
+from stockflow.config import Settings
 from stockflow.errors import StockflowError
 from stockflow.groups import describe_group
 from stockflow.orders import Order
 from stockflow.partitioning import make_partitioner
 from stockflow.pipeline import open_pipeline
 from stockflow.producer import OrderProducer
-from stockflow.stack import Stack, take_back_own
 from stockflow.topics import create_topic, delete_topics
 
 SCALE = float(os.environ.get("STOCKFLOW_CHAOS_SCALE", "0.1"))
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(1800)]
 PARTITIONS = 6
 PRODUCTS = 200
-
-
-@pytest.fixture(scope="module")
-def base() -> Settings:
-    settings, foreign = take_back_own(load_settings())
-    if foreign:  # the chaos suite's rule (conftest.py), though nothing is broken here
-        pytest.skip(
-            "chaos runs use only the local stack's own services, and "
-            + "; ".join(foreign)
-            + ": unset it to run them on the local stack"
-        )
-    Stack(settings).up()
-    return settings
 
 
 @pytest.fixture

@@ -244,5 +244,4 @@ def test_the_build_before_the_fix_deadlocks(postgres: Settings) -> None:
     assert run.answered < WRITERS * COMMANDS, f"no deadlock: all answered in {run.seconds:.0f}s"
     assert len(run.errors) == WRITERS
     assert all(isinstance(e, PyMongoError) and e.timeout for e in run.errors), run.errors
-    assert run.seconds >= NO_PROGRESS_MS / 1000
     assert read.value.timeout, read.value
