@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import tempfile
 import threading
@@ -48,6 +47,7 @@ from stockflow.stack.ferretdb import FerretDBService
 from stockflow.stack.ferretdb_patches import BUILD, WITHOUT_CAS, Build
 from stockflow.stack.postgres import PostgresService
 from stockflow.stack.service import Reporter, Service
+from stockflow.testing import free_ports
 
 Doc = dict[str, Any]
 BIG = 10**9
@@ -251,25 +251,13 @@ def measure(instance: Instance, updates: int) -> dict[str, dict[str, float]]:
     return rows
 
 
-def _free_ports(n: int) -> list[int]:
-    """Ports the system reports free now (fixed ones may be a client connection's local port)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 @contextmanager
 def private_instances(builds: list[Build], report: Reporter = print) -> Iterator[list[Instance]]:
     """Each build started on a fresh PostgreSQL of its own, on free ports; all stopped and
     their folders removed at the end."""
     with tempfile.TemporaryDirectory(prefix="ferret-cas-") as tmp:
         Path(tmp).chmod(0o755)
-        ports = _free_ports(2 * len(builds))
+        ports = free_ports(2 * len(builds))
         instances = [
             Instance(build, (ports[2 * n], ports[2 * n + 1]), Path(tmp) / build.tag)
             for n, build in enumerate(builds)

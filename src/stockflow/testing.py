@@ -1,28 +1,71 @@
-"""Helpers for runs beside the local stack (tests, chaos runs, benchmarks): free ports, and a
-private Kafka -- one broker or a KRaft cluster -- that shares nothing with the local stack.
+"""Helpers for runs beside the local stack (tests, chaos runs, benchmarks): free ports, a
+private Kafka -- one broker or a KRaft cluster -- and a private MongoDB-wire server (FerretDB
+over a PostgreSQL of its own), each sharing nothing with the local stack, and a way to hang a
+server's whole process tree.
 
 A private Kafka has its own state folder and ports; MongoDB and Redis stay those of the
 settings it is started from, which the run uses under its own names. Child processes (workers)
-find it through :meth:`PrivateKafka.environment`.
+find it through :meth:`PrivateKafka.environment`. A private database is the other way round:
+its own MongoDB server, for a run that stops, hangs or deadlocks it, or compares FerretDB
+builds (:class:`PrivateDatabase`).
 """
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import SecretStr
 
 from stockflow.config import Settings
 from stockflow.errors import StackError
 from stockflow.stack import Stack
+from stockflow.stack.ferretdb import FerretDBService
+from stockflow.stack.ferretdb_patches import BUILD, Build
 from stockflow.stack.kafka import KafkaService, kafka_nodes
-from stockflow.stack.process import is_alive, port_open
+from stockflow.stack.postgres import PostgresService
+from stockflow.stack.process import is_alive, port_open, process_tree
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports the system reports free now. Better than fixed ones, which may be
+    taken by a client connection's local port (they lie in the ephemeral range)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@contextmanager
+def hung(pid: int) -> Iterator[list[int]]:
+    """``pid`` and every process below it stopped (SIGSTOP) for the block: connections stay
+    open and nothing answers (PostgreSQL's backends lead process groups of their own, so a
+    group signal would miss them). Continued in reverse order afterwards, whatever happens;
+    yields the stopped pids."""
+    tree = process_tree(pid)
+    stopped: list[int] = []
+    try:
+        for member in tree:
+            with suppress(ProcessLookupError):
+                os.kill(member, signal.SIGSTOP)
+                stopped.append(member)
+        yield stopped
+    finally:
+        for member in reversed(stopped):
+            with suppress(ProcessLookupError):
+                os.kill(member, signal.SIGCONT)
 
 
 def free_port_block(size: int) -> int:
@@ -137,3 +180,83 @@ def private_kafka(base: Settings, state_dir: Path, *, brokers: int) -> Iterator[
     still = [p for p in range(port, port + 2 * brokers) if port_open("127.0.0.1", p)]
     if still:
         raise StackError(f"ports {still} of the private Kafka are still open")
+
+
+class PrivateDatabase:
+    """FerretDB of ``build`` over a PostgreSQL of its own, on free ports, in ``state_dir``: a
+    MongoDB-wire server that a run may stop, hang or deadlock without touching the local stack.
+
+    ``settings`` (extra fields of :class:`Settings`: a pool size, a database name, client
+    deadlines) go into :attr:`settings`, whose ``mongodb_url`` is this server. Start it with
+    :meth:`up` (or one service at a time); :meth:`down` always leaves nothing behind.
+    """
+
+    def __init__(self, state_dir: Path, build: Build = BUILD, **settings: Any) -> None:
+        ferretdb_port, postgres_port = free_ports(2)
+        self.settings = Settings(
+            state_dir=state_dir,
+            mongodb_uri=None,  # one in the environment would make FerretDB "external"
+            ferretdb_backend="postgresql",
+            ferretdb_port=ferretdb_port,
+            postgres_port=postgres_port,
+            **settings,
+        )
+        self.postgres = PostgresService(self.settings)
+        self.ferretdb = FerretDBService(self.settings, build)
+
+    @property
+    def url(self) -> str:
+        return self.settings.mongodb_url
+
+    def start_postgres(self) -> int:
+        _, pid = self.postgres.start(lambda _: None)
+        self.postgres.wait_ready(pid)
+        assert pid is not None
+        return pid
+
+    def start_ferretdb(self, build: Build | None = None) -> int:
+        """Start FerretDB: of ``build`` from now on when one is given (none may be running)."""
+        if build is not None:
+            self.ferretdb = FerretDBService(self.settings, build)
+        _, pid = self.ferretdb.start(lambda _: None)
+        self.ferretdb.wait_ready(pid)
+        assert pid is not None
+        return pid
+
+    def up(self) -> None:
+        self.start_postgres()
+        self.start_ferretdb()
+
+    def hang_postgres(self) -> AbstractContextManager[list[int]]:
+        """PostgreSQL and all its backends stopped for a ``with`` block (:func:`hung`)."""
+        pid = self.postgres.running_pid()
+        if pid is None:
+            raise StackError("the private PostgreSQL is not running")
+        return hung(pid)
+
+    def kill_ferretdb(self) -> None:
+        """SIGKILL FerretDB's process group: a deadlocked FerretDB never ends a graceful stop."""
+        pid = self.ferretdb.running_pid()
+        if pid is not None:
+            with suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        self.ferretdb.stop()
+
+    def down(self) -> None:
+        """Stop both servers and delete the PostgreSQL cluster, wherever its data went."""
+        self.ferretdb.stop()
+        self.postgres.stop()
+        self.postgres.remove_data()
+
+
+@contextmanager
+def private_database(
+    state_dir: Path, build: Build = BUILD, **settings: Any
+) -> Iterator[PrivateDatabase]:
+    """A :class:`PrivateDatabase` up for the block, down afterwards."""
+    database = PrivateDatabase(state_dir, build, **settings)
+    try:
+        database.up()
+        yield database
+    finally:
+        database.down()

@@ -3,6 +3,7 @@ replicas, end offsets; the topic's id), and read end offsets."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import cast
@@ -191,22 +192,56 @@ def describe_topic(settings: Settings, name: str) -> TopicDescription:
     )
 
 
+LEADER_CHANGING = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_LEADER_EPOCH,
+        KafkaError.FENCED_LEADER_EPOCH,
+        KafkaError.OFFSET_NOT_AVAILABLE,
+        KafkaError.REPLICA_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,  # a new leader not yet told of the partition
+    }
+)
+"""Answers of a partition whose leadership is moving: asked again, they pass once it settled."""
+
+
 def latest_offsets(
     settings: Settings, partitions: Iterable[tuple[str, int]], *, admin: AdminClient | None = None
 ) -> dict[tuple[str, int], int]:
-    """The end offset (high watermark) of each ``(topic, partition)``, in one request."""
+    """The end offset (high watermark) of each ``(topic, partition)``.
+
+    A partition whose leader is moving (a broker killed or restarted: ``LEADER_CHANGING`` and
+    librdkafka's retriable errors) is asked again until it answers, for up to the Kafka
+    timeout; TopicError after that, or at once for any other error.
+    """
     admin = admin or admin_client(settings)
     latest = cast(Callable[[], OffsetSpec], OffsetSpec.latest)()  # the library leaves it untyped
-    wanted = {TopicPartition(topic, p): latest for topic, p in partitions}
-    if not wanted:
-        return {}
-    futures = admin.list_offsets(wanted, request_timeout=settings.kafka_timeout_seconds)
-    ends = {}
-    try:
+    pending = {TopicPartition(topic, p) for topic, p in partitions}
+    ends: dict[tuple[str, int], int] = {}
+    deadline = time.monotonic() + settings.kafka_timeout_seconds
+    while pending:
+        futures = admin.list_offsets(
+            dict.fromkeys(pending, latest), request_timeout=settings.kafka_timeout_seconds
+        )
+        moving: list[KafkaError] = []
         for tp, future in futures.items():
-            ends[(tp.topic, tp.partition)] = future.result().offset
-    except KafkaException as exc:
-        raise TopicError(f"cannot read end offsets: {exc}") from None
+            try:
+                ends[(tp.topic, tp.partition)] = future.result().offset
+            except KafkaException as exc:
+                error: KafkaError = exc.args[0]
+                if not (error.retriable() or error.code() in LEADER_CHANGING):
+                    raise TopicError(f"cannot read end offsets: {error}") from None
+                moving.append(error)
+                continue
+            pending.discard(tp)
+        if pending and time.monotonic() + 0.5 > deadline:
+            raise TopicError(
+                f"cannot read end offsets of {len(pending)} partition(s) within "
+                f"{settings.kafka_timeout_seconds:g}s: {moving[0]}"
+            )
+        if pending:
+            time.sleep(0.5)
     return ends
 
 

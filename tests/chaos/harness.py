@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from stockflow.audit import AuditReport, run_audit
 from stockflow.config import Settings
@@ -181,14 +181,18 @@ def produce_stream(
     malformed_every: int,
     rng: random.Random,
     rate: float,
+    halt: threading.Event | None = None,
 ) -> tuple[int, int, int]:
-    """Produce orders (no key: any partition) with restocks and junk mixed in, at ``rate``/s."""
+    """Produce orders (no key: any partition) with restocks and junk mixed in, at ``rate``/s;
+    stops early once ``halt`` is set (what was produced so far is still counted)."""
     restocks = malformed = 0
     started = time.monotonic()
     # Generous delivery timeout: the broker-restart scenario keeps producing while it is down.
     config = {"linger.ms": 20, "message.max.bytes": 200_000, "message.timeout.ms": 300_000}
     with OrderProducer(s, **config) as producer:
         for i in range(orders):
+            if halt is not None and i % 100 == 0 and halt.is_set():
+                return i, restocks, malformed
             pid = rng.randint(1, products)
             producer.send_raw(Order(f"{id_prefix}o{i}", pid, rng.randint(1, 3)).encode())
             if restock_every and i % restock_every == 0:
@@ -202,6 +206,43 @@ def produce_stream(
                 if ahead > 0:
                     time.sleep(ahead)
     return orders, restocks, malformed
+
+
+class Producing:
+    """``produce_stream`` calls in threads of their own, beside a scenario's faults. However
+    the scenario ends, :meth:`stop` halts and joins them, so none outlives its scenario (one
+    that did once failed the next scenario with its errors); :meth:`join` raises a thread's
+    error in the scenario's own thread."""
+
+    def __init__(self) -> None:
+        self.halt = threading.Event()
+        self.results: dict[int, tuple[int, int, int]] = {}
+        self.errors: list[BaseException] = []
+        self.threads: list[threading.Thread] = []
+
+    def start(self, key: int, s: Settings, **stream: Any) -> None:
+        def run() -> None:
+            try:
+                self.results[key] = produce_stream(s, halt=self.halt, **stream)
+            except BaseException as exc:  # raised again by join()
+                self.errors.append(exc)
+
+        thread = threading.Thread(target=run, name=f"producing-{key}", daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    def join(self) -> dict[int, tuple[int, int, int]]:
+        """Wait for every stream to end; (orders, restocks, malformed) of each, by key."""
+        for thread in self.threads:
+            thread.join()
+        if self.errors:
+            raise self.errors[0]
+        return self.results
+
+    def stop(self) -> None:
+        self.halt.set()
+        for thread in self.threads:
+            thread.join(120)
 
 
 def run_chaos(
@@ -228,27 +269,23 @@ def run_chaos(
         pipeline.inventory.seed({pid: SEED_STOCK for pid in range(1, products + 1)})
     pool = Workers(s, workers, log_dir, program)
     result = ChaosResult(name, 0, 0, 0)
+    producing = Producing()
     try:
-        producer_result: list[tuple[int, int, int]] = []
-        producing = threading.Thread(
-            target=lambda: producer_result.append(
-                produce_stream(
-                    s,
-                    orders=orders,
-                    products=products,
-                    restock_every=restock_every,
-                    malformed_every=malformed_every,
-                    rng=random.Random(seed + 1),
-                    rate=rate,
-                )
-            )
+        producing.start(
+            0,
+            s,
+            orders=orders,
+            products=products,
+            restock_every=restock_every,
+            malformed_every=malformed_every,
+            rng=random.Random(seed + 1),
+            rate=rate,
         )
-        producing.start()
         if faults is not None:
             faults(s, pool, rng, result.faults)
-        producing.join()
-        result.orders, result.restocks, result.malformed = producer_result[0]
-        total = sum(producer_result[0])
+        produced = producing.join()[0]
+        result.orders, result.restocks, result.malformed = produced
+        total = sum(produced)
         if _wait_for_outcomes((s,), [pool], total, time.monotonic() + timeout):
             result.faults.append("a worker exited and was restarted")
         pool.stop()
@@ -261,6 +298,7 @@ def run_chaos(
                 if seen is None or seen["stock"] != product["stock"]:
                     result.stale_cache += 1
     finally:
+        producing.stop()
         pool.stop()
         _tidy(s)
     result.seconds = time.monotonic() - started
@@ -339,11 +377,11 @@ def run_two_pipelines(
         pipeline.inventory.seed({pid: SEED_STOCK for pid in range(1, products + 1)})
     pools = [Workers(s, 1, log_dir / f"pipeline-{i}") for i, s in enumerate(pipelines)]
     result = ChaosResult(name, 0, 0, 0)
+    producing = Producing()
     try:
-        produced: dict[int, tuple[int, int, int]] = {}
-
-        def produce(i: int, s: Settings) -> None:
-            produced[i] = produce_stream(
+        for i, s in enumerate(pipelines):
+            producing.start(
+                i,
                 s,
                 orders=orders,
                 id_prefix=f"p{i}-",
@@ -353,14 +391,9 @@ def run_two_pipelines(
                 rng=random.Random(seed + 1 + i),
                 rate=rate,
             )
-
-        threads = [threading.Thread(target=produce, args=(i, s)) for i, s in enumerate(pipelines)]
-        for thread in threads:
-            thread.start()
         if faults is not None:
             faults(pools, rng, result.faults)
-        for thread in threads:
-            thread.join()
+        produced = producing.join()
         result.orders = sum(p[0] for p in produced.values())
         result.restocks = sum(p[1] for p in produced.values())
         result.malformed = sum(p[2] for p in produced.values())
@@ -379,6 +412,7 @@ def run_two_pipelines(
                 if seen is None or seen["stock"] != product["stock"]:
                     result.stale_cache += 1
     finally:
+        producing.stop()
         for pool in pools:
             pool.stop()
         _tidy(second)

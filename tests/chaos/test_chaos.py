@@ -10,10 +10,8 @@ in which every scenario skipped fails (``conftest.py``).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +25,7 @@ from stockflow.stack.kafka import KafkaService
 from stockflow.stack.postgres import PostgresService
 from stockflow.stack.redis import RedisService
 from stockflow.stack.service import Service
+from stockflow.testing import hung
 from tests.chaos.harness import ChaosResult, Workers, run_chaos, run_two_pipelines
 
 SCALE = float(os.environ.get("STOCKFLOW_CHAOS_SCALE", "0.1"))
@@ -104,38 +103,17 @@ def test_kill_9_at_five_random_moments(base: Settings, log_dir: Path) -> None:
 
 def hang(service: Service, after: float, down: float):  # type: ignore[no-untyped-def]
     """SIGSTOP the service's whole process tree for ``down`` seconds: connections stay open
-    and nothing answers (PostgreSQL's backends lead process groups of their own)."""
+    and nothing answers (``stockflow.testing.hung``)."""
 
     def inject(s: Settings, pool: Workers, rng: random.Random, faults: list[str]) -> None:
         time.sleep(after)
         pid = service.running_pid()
         assert pid is not None, f"{service.name} is not running"
-        tree = [pid, *_descendants(pid)]
-        for member in tree:
-            os.kill(member, signal.SIGSTOP)
-        faults.append(f"{service.name} hung (SIGSTOP, {len(tree)} processes) {down:.0f}s")
-        try:
+        with hung(pid) as tree:
+            faults.append(f"{service.name} hung (SIGSTOP, {len(tree)} processes) {down:.0f}s")
             time.sleep(down)
-        finally:
-            for member in reversed(tree):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(member, signal.SIGCONT)
 
     return inject
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def postgres_behind_ferretdb(base: Settings) -> PostgresService:

@@ -8,23 +8,21 @@ stopped answering with ``pool_max_conns=180``). The local build fixes that
 (``POOL_PATCHES`` in ``stack/ferretdb_patches.py``): a command holds at most one connection at
 a time and never waits for a second while holding one.
 
-These tests run a private PostgreSQL and FerretDB whose pool (``POOL``) is smaller than the
-number of writers, so commands always queue for connections: a command that held one while
-waiting for another would deadlock them all. The build before the fix is run too when it is in
-the build cache, to show the deadlock the others prove absent.
+These tests run a private PostgreSQL and FerretDB (``stockflow.testing.PrivateDatabase``)
+whose pool (``POOL``) is smaller than the number of writers, so commands always queue for
+connections: a command that held one while waiting for another would deadlock them all. The
+build before the fix is run too when it is in the build cache, to show the deadlock the others
+prove absent.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,11 +31,10 @@ from pymongo import MongoClient, UpdateOne
 from pymongo.collection import Collection
 from pymongo.errors import PyMongoError
 
-from stockflow.config import Settings
 from stockflow.ledger import CHUNK
 from stockflow.stack.ferretdb import FerretDBService
 from stockflow.stack.ferretdb_patches import BUILD, WITHOUT_POOL_FIX, Build
-from stockflow.stack.postgres import PostgresService
+from stockflow.testing import PrivateDatabase
 
 Doc = dict[str, Any]
 
@@ -52,59 +49,32 @@ NO_PROGRESS_MS = 25_000
 second on this workload, even on a loaded machine)."""
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 @pytest.fixture(scope="module")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    """A private PostgreSQL, shared by the module's FerretDBs; the settings to reach it."""
+def database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateDatabase]:
+    """A private PostgreSQL, shared by the module's FerretDBs (POOL connections each)."""
     if os.environ.get("MONGODB_URI"):
         pytest.skip("MONGODB_URI is set: this test needs the local FerretDB build")
-    pg_port, ferret_port = _free_ports(2)
-    settings = Settings(
-        state_dir=tmp_path_factory.mktemp("pool") / "state",
-        postgres_port=pg_port,
-        ferretdb_port=ferret_port,
-        ferretdb_backend="postgresql",
-        ferretdb_pool_max_conns=POOL,
+    private = PrivateDatabase(
+        tmp_path_factory.mktemp("pool") / "state", ferretdb_pool_max_conns=POOL
     )
-    service = PostgresService(settings)
     try:
-        _, pid = service.start(lambda _: None)
-        service.wait_ready(pid)
-        yield settings
+        private.start_postgres()
+        yield private
     finally:
-        service.stop()
-        for folder in (service.data_dir, service.socket_dir):
-            shutil.rmtree(folder, ignore_errors=True)
+        private.down()
 
 
 @contextmanager
-def ferretdb(settings: Settings, build: Build) -> Iterator[str]:
+def ferretdb(database: PrivateDatabase, build: Build) -> Iterator[str]:
     """FerretDB of ``build`` over the private PostgreSQL; yields its URL, kills it afterwards.
 
     Killed, not stopped: a deadlocked FerretDB does not finish a graceful shutdown.
     """
-    service = FerretDBService(settings, build)
-    _, pid = service.start(lambda _: None)
+    database.start_ferretdb(build)
     try:
-        service.wait_ready(pid)
-        yield settings.mongodb_url
+        yield database.url
     finally:
-        if pid is not None:
-            with suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-        service.stop()
+        database.kill_ferretdb()
 
 
 @dataclass
@@ -182,14 +152,14 @@ def _compare_and_set_own(col: Collection[Doc], writer: int, n: int) -> None:
 
 
 def test_concurrent_bulk_updates_complete_on_a_pool_smaller_than_the_writers(
-    postgres: Settings,
+    database: PrivateDatabase,
 ) -> None:
     """8 writers, each sending commands of CHUNK compare-and-set updates on its own products,
     over POOL connections: every command answers and every decrement is in the stock.
 
     Seen failing on the build before the fix (stockflow3): no command answered in 25 s.
     """
-    with ferretdb(postgres, BUILD) as url:
+    with ferretdb(database, BUILD) as url:
         database = f"pool_{uuid.uuid4().hex[:10]}"
         _seed(url, database, range(WRITERS * CHUNK))
         run = run_writers(url, database, _compare_and_set_own)
@@ -200,7 +170,7 @@ def test_concurrent_bulk_updates_complete_on_a_pool_smaller_than_the_writers(
     assert stocks == dict.fromkeys(range(WRITERS * CHUNK), START - COMMANDS)
 
 
-def test_contended_bulk_increments_complete_and_lose_nothing(postgres: Settings) -> None:
+def test_contended_bulk_increments_complete_and_lose_nothing(database: PrivateDatabase) -> None:
     """All 8 writers ``$inc`` the same CHUNK products, CHUNK statements a command: lost races
     make the compare-and-set patch read documents again, each read a query of its own, on a
     pool smaller than the writers. Nothing waits for ever and no increment is lost."""
@@ -210,7 +180,7 @@ def test_contended_bulk_increments_complete_and_lose_nothing(postgres: Settings)
         result = col.bulk_write(ops, ordered=False)
         assert result.modified_count == CHUNK, (writer, n, result.bulk_api_result)
 
-    with ferretdb(postgres, BUILD) as url:
+    with ferretdb(database, BUILD) as url:
         database = f"pool_{uuid.uuid4().hex[:10]}"
         _seed(url, database, range(CHUNK))
         run = run_writers(url, database, inc_shared)
@@ -222,15 +192,15 @@ def test_contended_bulk_increments_complete_and_lose_nothing(postgres: Settings)
 
 
 @pytest.mark.timeout(120)
-def test_the_build_before_the_fix_deadlocks(postgres: Settings) -> None:
+def test_the_build_before_the_fix_deadlocks(database: PrivateDatabase) -> None:
     """The first test's writers on the build before POOL_PATCHES: no command answers in
     NO_PROGRESS_MS, and then a read from another client does not answer either.
 
     Skipped when that build is not in the build cache (it is never built for this test).
     """
-    if not FerretDBService(postgres, WITHOUT_POOL_FIX).binary.exists():
+    if not FerretDBService(database.settings, WITHOUT_POOL_FIX).binary.exists():
         pytest.skip(f"FerretDB build {WITHOUT_POOL_FIX.tag} is not in the build cache")
-    with ferretdb(postgres, WITHOUT_POOL_FIX) as url:
+    with ferretdb(database, WITHOUT_POOL_FIX) as url:
         database = f"pool_{uuid.uuid4().hex[:10]}"
         _seed(url, database, range(WRITERS * CHUNK))
         run = run_writers(url, database, _compare_and_set_own)

@@ -1,26 +1,23 @@
 """The database behind FerretDB going away is an outage, never a dead letter, and never a hang.
 
 These tests break PostgreSQL, so they run a private FerretDB + PostgreSQL of their own (own
-ports and state), never the shared stack. The applier's batch must fail with TransientError
-(the loop then pauses and retries for as long as it takes) both when PostgreSQL is stopped
-(FerretDB answers at once with an InternalError) and when it hangs (FerretDB answers nothing:
-only the client's deadline ends the call), and go through once PostgreSQL is back.
+ports and state: ``stockflow.testing.PrivateDatabase``), never the shared stack. The applier's
+batch must fail with TransientError (the loop then pauses and retries for as long as it takes)
+both when PostgreSQL is stopped (FerretDB answers at once with an InternalError) and when it
+hangs (FerretDB answers nothing: only the client's deadline ends the call), and go through
+once PostgreSQL is back.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
-import psutil
 import pytest
 import redis
 from confluent_kafka import Message
@@ -39,8 +36,7 @@ from stockflow.outcomes import Outcome
 from stockflow.pipeline import open_pipeline
 from stockflow.planner import Decision
 from stockflow.producer import OrderProducer
-from stockflow.stack.ferretdb import FerretDBService
-from stockflow.stack.postgres import PostgresService
+from stockflow.testing import PrivateDatabase, private_database
 from stockflow.topics import delete_topics
 from stockflow.worker import Worker
 from tests.integration.conftest import isolated, read_topic
@@ -48,79 +44,14 @@ from tests.integration.conftest import isolated, read_topic
 DEADLINE_MS = 2000
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-class PrivateFerretDB:
-    """FerretDB over a PostgreSQL that the test may stop, start, hang and resume."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.postgres = PostgresService(settings)
-        self.ferretdb = FerretDBService(settings)
-        self.hung: list[psutil.Process] = []
-
-    def start_postgres(self) -> None:
-        _, pid = self.postgres.start(lambda _: None)
-        self.postgres.wait_ready(pid)
-
-    def up(self) -> None:
-        self.start_postgres()
-        _, pid = self.ferretdb.start(lambda _: None)
-        self.ferretdb.wait_ready(pid)
-
-    def hang_postgres(self) -> None:
-        """SIGSTOP the server and every backend: connections stay open, nothing answers."""
-        pid = self.postgres.running_pid()
-        assert pid is not None
-        root = psutil.Process(pid)
-        self.hung = [root, *root.children(recursive=True)]
-        for proc in self.hung:
-            proc.send_signal(signal.SIGSTOP)
-
-    def resume_postgres(self) -> None:
-        for proc in self.hung:
-            with suppress(psutil.NoSuchProcess):
-                proc.send_signal(signal.SIGCONT)
-        self.hung = []
-
-    def down(self) -> None:
-        self.resume_postgres()
-        self.ferretdb.stop()
-        self.postgres.stop()
-        for folder in (self.postgres.data_dir, self.postgres.socket_dir):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
 @pytest.fixture
-def private(tmp_path: Path) -> Iterator[PrivateFerretDB]:
+def private(tmp_path: Path) -> Iterator[PrivateDatabase]:
     if os.environ.get("MONGODB_URI"):
         pytest.skip("MONGODB_URI is set: this test needs a local FerretDB it may break")
-    pg_port, ferret_port = _free_ports(2)
-    settings = Settings(
-        state_dir=tmp_path / "state",
-        postgres_port=pg_port,
-        ferretdb_port=ferret_port,
-        ferretdb_backend="postgresql",
-        database="outage",
-        mongodb_socket_timeout_ms=DEADLINE_MS,
-    )
-    stack = PrivateFerretDB(settings)
-    try:
-        stack.up()
-        yield stack
-    finally:
-        stack.down()
+    with private_database(
+        tmp_path / "state", database="outage", mongodb_socket_timeout_ms=DEADLINE_MS
+    ) as database:
+        yield database
 
 
 @contextmanager
@@ -144,7 +75,7 @@ def _order(order_id: int) -> list[Message]:
     return [Message(topic="t.by-product", partition=0, offset=order_id, value=order.encode())]
 
 
-def test_postgres_stopped_behind_ferretdb_is_transient(private: PrivateFerretDB) -> None:
+def test_postgres_stopped_behind_ferretdb_is_transient(private: PrivateDatabase) -> None:
     with _applier(private.settings) as (applier, inventory):
         inventory.seed({101: 10})
         private.postgres.stop()
@@ -161,32 +92,31 @@ def test_postgres_stopped_behind_ferretdb_is_transient(private: PrivateFerretDB)
 
 
 @pytest.mark.timeout(90)
-def test_postgres_hung_behind_ferretdb_times_out_as_transient(private: PrivateFerretDB) -> None:
+def test_postgres_hung_behind_ferretdb_times_out_as_transient(private: PrivateDatabase) -> None:
     with _applier(private.settings) as (applier, inventory):
         inventory.seed({101: 10})
-        private.hang_postgres()
-        began = time.monotonic()
-        with pytest.raises(TransientError) as caught:
-            applier.handle(_order(1))
-        took = time.monotonic() - began
+        with private.hang_postgres():
+            began = time.monotonic()
+            with pytest.raises(TransientError) as caught:
+                applier.handle(_order(1))
+            took = time.monotonic() - began
         assert isinstance(caught.value.__cause__, NetworkTimeout)
         # One deadline (plus scheduling slack on a busy machine), not forever.
         assert took < DEADLINE_MS / 1000 + 5, took
-        private.resume_postgres()
         handled = applier.handle(_order(1))
         assert handled.counts == {Outcome.APPLIED.value: 1}
         assert inventory.stock_of(101) == 9
 
 
 def test_orders_wait_out_a_postgres_outage_instead_of_being_dead_lettered(
-    private: PrivateFerretDB, stack_settings: Settings
+    private: PrivateDatabase, stack_settings: Settings
 ) -> None:
     """A whole worker (Kafka of the shared stack, isolated topics; the private FerretDB) with
     PostgreSQL stopped for longer than the retries-then-dead-letter path takes (~5 s): every
     order waits, and is applied once PostgreSQL is back."""
     settings = isolated(stack_settings).model_copy(
         update={
-            "mongodb_uri": SecretStr(private.settings.mongodb_url),
+            "mongodb_uri": SecretStr(private.url),
             "mongodb_socket_timeout_ms": DEADLINE_MS,
         }
     )

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -23,6 +21,7 @@ from stockflow.stack.ferretdb_patches import BUILD, Build
 from stockflow.stack.postgres import PostgresService, _bin_dir, legacy_data_dir
 from stockflow.stack.process import is_alive, port_open
 from stockflow.stack.redis import RedisService
+from stockflow.testing import free_ports, private_database
 
 
 def test_up_twice_leaves_running_services_alone(stack_settings: Settings) -> None:
@@ -74,20 +73,6 @@ def test_external_service_is_neither_started_nor_stopped(
     assert service.status().running  # the user's Redis still answers
 
 
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct ports nothing listens on or is bound to at this moment."""
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def _psql(service: PostgresService, password: str | None) -> subprocess.CompletedProcess[str]:
     """``SELECT 1`` over TCP as the cluster's superuser, with ``password`` or none at all."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
@@ -110,7 +95,7 @@ def test_a_second_stack_comes_up_and_down_leaves_nothing_running(tmp_path: Path)
     folder only its owner can enter) from cold start to stop."""
     # Ports the system says are free now: fixed ones can be taken by a client connection's
     # local port (they lie in the ephemeral range), which once failed Kafka's start here.
-    ports = _free_ports(5)
+    ports = free_ports(5)
     settings = Settings(
         state_dir=tmp_path / "state",
         kafka_port=ports[0],
@@ -150,30 +135,12 @@ def test_a_second_stack_comes_up_and_down_leaves_nothing_running(tmp_path: Path)
             assert password not in log.read_text(errors="replace"), log
     finally:
         down = stack.down()
-        if postgres.location_file.exists():
-            shutil.rmtree(postgres.data_dir.parent)
+        postgres.remove_data()
     assert {r.action for r in down} == {"stopped"}
     assert not any(is_alive(pid) for pid in pids if pid is not None)
     for port in ports:
         assert not port_open("127.0.0.1", port), f"port {port} still open"
     assert [r.action for r in stack.down()] == ["not running"] * 4
-
-
-def _tree(pid: int) -> list[int]:
-    """``pid`` and every process below it."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = entry.read_text().rpartition(")")[2].split()
-            children.setdefault(int(fields[1]), []).append(int(entry.parent.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        todo.extend(children.get(current, []))
-    return found
 
 
 def test_status_of_a_ferretdb_whose_postgresql_hangs_returns_within_seconds(
@@ -183,22 +150,10 @@ def test_status_of_a_ferretdb_whose_postgresql_hangs_returns_within_seconds(
     answers what needs no storage; status must try a real read and write, bounded, and say the
     service is not answering. Before: 'up' (buildInfo only), and no socket timeout at all."""
     tmp_path.chmod(0o700)
-    ports = _free_ports(2)
-    settings = Settings(
-        state_dir=tmp_path / "state", ferretdb_port=ports[0], postgres_port=ports[1]
-    )
-    postgres, ferretdb = PostgresService(settings), FerretDBService(settings)
-    try:
-        for service in (postgres, ferretdb):
-            _, pid = service.start(lambda _: None)
-            service.wait_ready(pid)
+    with private_database(tmp_path / "state") as database:
+        ferretdb, settings = database.ferretdb, database.settings
         assert ferretdb.status().running
-        postgres_pid = postgres.running_pid()
-        assert postgres_pid is not None
-        tree = _tree(postgres_pid)
-        for member in tree:
-            os.kill(member, signal.SIGSTOP)
-        try:
+        with database.hang_postgres():
             started = time.monotonic()
             status = ferretdb.status()
             assert time.monotonic() - started < 10
@@ -207,21 +162,13 @@ def test_status_of_a_ferretdb_whose_postgresql_hangs_returns_within_seconds(
                 [sys.executable, "-m", "stockflow", "stack", "status"],
                 capture_output=True, text=True, timeout=60, check=False,
                 env={**os.environ, **{f"STOCKFLOW_{k}": str(v) for k, v in (
-                    ("STATE_DIR", settings.state_dir), ("FERRETDB_PORT", ports[0]),
-                    ("POSTGRES_PORT", ports[1]))}},
+                    ("STATE_DIR", settings.state_dir), ("FERRETDB_PORT", settings.ferretdb_port),
+                    ("POSTGRES_PORT", settings.postgres_port))}},
             )  # fmt: skip
             assert shown.returncode == 1, shown.stderr
             line = next(x for x in shown.stdout.splitlines() if "ferretdb" in x)
             assert "not answering" in line, shown.stdout
-        finally:
-            for member in reversed(tree):
-                os.kill(member, signal.SIGCONT)
         assert ferretdb.status().running
-    finally:
-        ferretdb.stop()
-        postgres.stop()
-        if postgres.location_file.exists():
-            shutil.rmtree(postgres.data_dir.parent, ignore_errors=True)
 
 
 def test_up_restarts_a_ferretdb_that_runs_another_build(tmp_path: Path) -> None:
@@ -239,7 +186,7 @@ def test_up_restarts_a_ferretdb_that_runs_another_build(tmp_path: Path) -> None:
     settings = Settings(
         state_dir=tmp_path / "state",
         cache_dir=cache,
-        ferretdb_port=_free_ports(1)[0],
+        ferretdb_port=free_ports(1)[0],
         ferretdb_backend="sqlite",
     )
     older, ferretdb = FerretDBService(settings, Build("stockflow0", ())), FerretDBService(settings)
@@ -268,7 +215,7 @@ def test_postgres_has_a_password_and_private_data_and_older_clusters_are_migrate
     a predictable one of the shared temporary folder; an older version's cluster keeps its
     data and gets the password (and leaves the predictable folder) at its next start."""
     tmp_path.chmod(0o700)
-    settings = Settings(state_dir=tmp_path / "state", postgres_port=_free_ports(1)[0])
+    settings = Settings(state_dir=tmp_path / "state", postgres_port=free_ports(1)[0])
     service = PostgresService(settings)
     as_root = os.geteuid() == 0
 
@@ -326,10 +273,9 @@ def test_postgres_has_a_password_and_private_data_and_older_clusters_are_migrate
             assert _psql(service, migrated).stdout.strip() == "1"
     finally:
         service.stop()
+        service.remove_data()
         if as_root:
             shutil.rmtree(legacy_data_dir(service.dir), ignore_errors=True)
-            if service.location_file.exists():
-                shutil.rmtree(service.data_dir.parent, ignore_errors=True)
 
 
 def test_the_seed_story_runs_on_a_kafka_3_9_stack(tmp_path: Path) -> None:
@@ -337,7 +283,7 @@ def test_the_seed_story_runs_on_a_kafka_3_9_stack(tmp_path: Path) -> None:
     removed them, KIP-896) need a broker <= 3.9: ``STOCKFLOW_KAFKA_VERSION=3.9.1`` runs one,
     and the seed's story (``stockflow demo``) must hold on it. A private stack of its own
     (ports, state); the first run resolves 3.9.1's jars into the cache."""
-    ports = _free_ports(5)
+    ports = free_ports(5)
     state = tmp_path / "state"
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("STOCKFLOW_")},
@@ -370,8 +316,7 @@ def test_the_seed_story_runs_on_a_kafka_3_9_stack(tmp_path: Path) -> None:
         assert "Final stock of product 101: 96 (100 -> 99 -> 96 -> 96)" in out
     finally:
         down = stockflow("stack", "down", timeout=120)
-        if postgres.location_file.exists():
-            shutil.rmtree(postgres.data_dir.parent, ignore_errors=True)
+        postgres.remove_data()
     assert down.returncode == 0, down.stdout + down.stderr
     for port in ports:
         assert not port_open("127.0.0.1", port), f"port {port} still open"

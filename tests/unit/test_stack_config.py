@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
+import signal
 import stat
 import subprocess
 import sys
@@ -14,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from stockflow.config import Settings, load_settings
-from stockflow.errors import ConfigError
+from stockflow.errors import ConfigError, ProvisionError
 from stockflow.stack import Stack, process, take_back_own
 from stockflow.stack.ferretdb import FerretDBService
 from stockflow.stack.kafka import (
@@ -306,3 +309,66 @@ def test_quorum_leader_is_the_newest_epoch_any_node_recorded(tmp_path: Path) -> 
         state = {"leaderId": leader, "leaderEpoch": epoch, "votedId": -1}
         (folder / "quorum-state").write_text(json.dumps(state))
     assert quorum_leader(nodes) == (2, 5)
+
+
+def test_process_tree_finds_grandchildren_and_hung_stops_and_continues_them() -> None:
+    """What the outage tests and chaos scenarios rely on to hang a server: every process below
+    it (PostgreSQL's backends lead process groups of their own), stopped for the block and
+    running again afterwards, even when the block raises."""
+    from stockflow.testing import hung
+
+    # root -> sh (a session of its own, as PostgreSQL's backends are) -> sleep
+    code = (
+        "import subprocess, time;"
+        "subprocess.Popen(['sh', '-c', 'sleep 30; true'], start_new_session=True);"
+        "time.sleep(30)"
+    )
+    root = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 10
+        while len(process.process_tree(root.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tree = process.process_tree(root.pid)
+        assert tree[0] == root.pid and len(tree) == 3, tree
+
+        def all_in(state: str) -> bool:
+            deadline = time.monotonic() + 5  # a signal is delivered asynchronously
+            while time.monotonic() < deadline:
+                if all(process._proc_state(pid) == state for pid in tree):
+                    return True
+                time.sleep(0.02)
+            return False
+
+        with pytest.raises(RuntimeError), hung(root.pid) as stopped:
+            assert stopped == tree
+            assert all_in("T")
+            raise RuntimeError("the block failed")
+        assert all_in("S")
+    finally:
+        for pid in process.process_tree(root.pid)[::-1]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        root.wait(10)
+
+
+def test_remove_data_refuses_a_running_cluster_and_deletes_a_private_folder(
+    tmp_path: Path,
+) -> None:
+    """A throw-away cluster's end: data, socket folder and the private folder recorded in
+    ``data-location`` are deleted; nothing else is, and a running cluster is refused."""
+    service = PostgresService(Settings(state_dir=tmp_path / "state"))
+    private = tmp_path / "stockflow-postgres-x1y2"
+    (private / "data").mkdir(parents=True)
+    (private / "data-run").mkdir()
+    neighbour = tmp_path / "keep"
+    neighbour.mkdir()
+    service.dir.mkdir(parents=True)
+    service.location_file.write_text(f"{private}\n")
+    process.spawn(["sleep", "30"], pidfile=service.pidfile, logfile=service.logfile, cwd=tmp_path)
+    with pytest.raises(ProvisionError):
+        service.remove_data()
+    assert (private / "data").exists()
+    service.stop()
+    service.remove_data()
+    assert not private.exists() and not service.location_file.exists()
+    assert neighbour.exists() and service.dir.exists()

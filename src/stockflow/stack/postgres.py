@@ -163,6 +163,19 @@ class PostgresService(Service):
     def socket_dir(self) -> Path:
         return self.data_dir.parent / f"{self.data_dir.name}-run"
 
+    def remove_data(self) -> None:
+        """Delete a stopped cluster for good: its data and socket folders, and the private
+        folder made for them outside the state folder (a throw-away cluster's end: tests,
+        benchmarks). A running cluster is refused."""
+        if self.running_pid() is not None:
+            raise ProvisionError(f"postgres: {self.data_dir} is in use; stop the cluster first")
+        private = self.data_dir.parent if self.location_file.exists() else None
+        for folder in (self.data_dir, self.socket_dir):
+            shutil.rmtree(folder, ignore_errors=True)
+        if private is not None and private.name.startswith("stockflow-postgres-"):
+            shutil.rmtree(private, ignore_errors=True)
+        self.location_file.unlink(missing_ok=True)
+
     def _as_owner(self, argv: list[str]) -> list[str]:
         if os.geteuid() != 0:
             return argv

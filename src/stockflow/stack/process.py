@@ -68,6 +68,21 @@ def _proc_argv0(pid: int) -> str | None:
     return raw.split(b"\0", 1)[0].decode(errors="replace")
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process below it, parents before their children (a snapshot)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        fields = _proc_stat_fields(int(entry.name)) if entry.name.isdigit() else None
+        if fields:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop(0)
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
 def is_alive(pid: int) -> bool:
     """True while ``pid`` runs; a zombie (exited, not yet reaped) counts as gone."""
     child = _children.get(pid)
