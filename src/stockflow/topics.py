@@ -238,7 +238,7 @@ def latest_offsets(
         if pending and time.monotonic() + 0.5 > deadline:
             raise TopicError(
                 f"cannot read end offsets of {len(pending)} partition(s) within "
-                f"{settings.kafka_timeout_seconds:g}s: {moving[0]}"
+                f"{settings.kafka_timeout_seconds:g}s: {moving[0] if moving else 'no answer'}"
             )
         if pending:
             time.sleep(0.5)

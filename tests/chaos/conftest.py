@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from stockflow.config import Settings, load_settings
-from stockflow.stack import Stack, take_back_own
+from stockflow.config import Settings
+from tests.chaos.harness import local_stack
 
 _ran: list[str] = []
 _skipped: list[str] = []
@@ -41,12 +41,4 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 def base() -> Settings:
     """The local stack, started if needed, for scenarios that break nothing of it (a module
     may define its own, as test_chaos.py does)."""
-    settings, foreign = take_back_own(load_settings())
-    if foreign:  # the chaos suite's rule, though nothing is broken here
-        pytest.skip(
-            "chaos runs use only the local stack's own services, and "
-            + "; ".join(foreign)
-            + ": unset it to run them on the local stack"
-        )
-    Stack(settings).up()
-    return settings
+    return local_stack(breaks=False)

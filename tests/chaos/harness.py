@@ -22,13 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import pytest
+
 from stockflow.audit import AuditReport, run_audit
-from stockflow.config import Settings
+from stockflow.config import Settings, load_settings
 from stockflow.errors import StockflowError
 from stockflow.orders import Order, Restock
 from stockflow.outcomes import Outcome
 from stockflow.pipeline import Pipeline, open_pipeline
 from stockflow.producer import OrderProducer
+from stockflow.stack import Stack, take_back_own
 from stockflow.topics import create_topic, delete_topics, group_lag
 
 
@@ -206,6 +209,21 @@ def produce_stream(
                 if ahead > 0:
                     time.sleep(ahead)
     return orders, restocks, malformed
+
+
+def local_stack(*, breaks: bool) -> Settings:
+    """The local stack's settings, its services started if needed; the scenario is skipped
+    when an exported address names a service of someone else's, which chaos never touches
+    (``breaks``: the scenario breaks services of the stack, not only uses them)."""
+    settings, foreign = take_back_own(load_settings())
+    if foreign:
+        pytest.skip(
+            f"chaos runs {'break' if breaks else 'use'} only the local stack's own services, and "
+            + "; ".join(foreign)
+            + ": unset it to run them on the local stack"
+        )
+    Stack(settings).up()
+    return settings
 
 
 class Producing:

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from stockflow.config import Settings, load_settings
-from stockflow.stack import Stack, take_back_own
+from stockflow.config import Settings
+from stockflow.stack import Stack
 from stockflow.stack.ferretdb import FerretDBService
 from stockflow.stack.kafka import KafkaService
 from stockflow.stack.postgres import PostgresService
 from stockflow.stack.redis import RedisService
 from stockflow.stack.service import Service
 from stockflow.testing import hung
-from tests.chaos.harness import ChaosResult, Workers, run_chaos, run_two_pipelines
+from tests.chaos.harness import ChaosResult, Workers, local_stack, run_chaos, run_two_pipelines
 
 SCALE = float(os.environ.get("STOCKFLOW_CHAOS_SCALE", "0.1"))
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(900)]
@@ -34,14 +34,7 @@ pytestmark = [pytest.mark.chaos, pytest.mark.timeout(900)]
 
 @pytest.fixture(scope="module")
 def base() -> Iterator[Settings]:
-    settings, foreign = take_back_own(load_settings())
-    if foreign:
-        pytest.skip(
-            "chaos runs break only the local stack's own services, and "
-            + "; ".join(foreign)
-            + ": unset it to run them on the local stack"
-        )
-    Stack(settings).up()
+    settings = local_stack(breaks=True)
     yield settings
     Stack(settings).up()  # leave everything running, whatever a scenario did
 

@@ -13,10 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from stockflow.config import load_settings
-from stockflow.stack import Stack, take_back_own
 from tests.chaos.cluster import LeaderChange, kill_leader, private_cluster
-from tests.chaos.harness import run_chaos
+from tests.chaos.harness import local_stack, run_chaos
 from tests.chaos.test_chaos import check
 
 SCALE = float(os.environ.get("STOCKFLOW_CHAOS_SCALE", "0.1"))
@@ -26,14 +24,7 @@ pytestmark = [pytest.mark.chaos, pytest.mark.full_size_only, pytest.mark.timeout
 
 def test_partition_leaders_killed_mid_stream_lose_nothing(tmp_path: Path) -> None:
     orders = max(1000, int(20_000 * SCALE))
-    shared, foreign = take_back_own(load_settings())
-    if foreign:
-        pytest.skip(
-            "chaos runs use only the local stack's own services, and "
-            + "; ".join(foreign)
-            + ": unset it to run them on the local stack"
-        )
-    Stack(shared).up()  # MongoDB and Redis only are used; nothing of it is stopped
+    shared = local_stack(breaks=False)  # MongoDB and Redis only are used; nothing is stopped
     changes: list[LeaderChange] = []
     with private_cluster(shared, tmp_path) as cluster:
         result = run_chaos(
